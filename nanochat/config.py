@@ -1,0 +1,140 @@
+"""Config helpers: the resolvers the YAML files use, and validation of a composed config.
+
+Validation runs before anything heavy (downloads, tokenizer training, model allocation) and turns
+every user mistake into one sentence that names the key and its value. This is the only library
+module that knows about OmegaConf; components themselves take plain arguments.
+"""
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nanochat.distributed import world_size_from_env
+from nanochat.errors import UserError
+
+# Used by conf/model/_gpt.yaml to express nanochat's depth rule.
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+OmegaConf.register_new_resolver("ceil_div", lambda a, b: -(-a // b), replace=True)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _positive(section: DictConfig, prefix: str, keys: list[str]) -> None:
+    for key in keys:
+        value = section[key]
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            f"{prefix}.{key}={value} must be a positive number.",
+        )
+
+
+def _check_model(model: DictConfig) -> None:
+    _positive(model, "model", ["n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "vocab_size"])
+    _require(
+        model.n_embd % model.n_head == 0,
+        f"model.n_embd={model.n_embd} is not divisible by model.n_head={model.n_head}.",
+    )
+    _require(
+        model.n_head % model.n_kv_head == 0,
+        f"model.n_head={model.n_head} is not divisible by model.n_kv_head={model.n_kv_head} "
+        "(each key/value head must serve a whole number of query heads).",
+    )
+    head_dim = model.n_embd // model.n_head
+    _require(
+        head_dim % 2 == 0,
+        f"model.n_embd / model.n_head = {model.n_embd} / {model.n_head} = {head_dim} is odd; "
+        "rotary embeddings need an even head dimension.",
+    )
+
+
+def _check_optimizer(optimizer: DictConfig) -> None:
+    for key, value in optimizer.items():
+        if key.endswith("lr"):
+            _require(
+                isinstance(value, (int, float)) and value > 0,
+                f"optimizer.{key}={value} must be a positive learning rate.",
+            )
+
+
+def _check_schedule(trainer: DictConfig) -> None:
+    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        _require(0.0 <= trainer[key] <= 1.0, f"trainer.{key}={trainer[key]} must be between 0 and 1.")
+    _require(
+        trainer.warmup_ratio + trainer.warmdown_ratio <= 1.0,
+        f"trainer.warmup_ratio + trainer.warmdown_ratio = {trainer.warmup_ratio} + "
+        f"{trainer.warmdown_ratio} exceeds 1: warmup and warmdown would overlap.",
+    )
+    _require(
+        trainer.num_iterations > 0 or trainer.target_flops > 0 or trainer.target_param_data_ratio > 0,
+        f"trainer.num_iterations={trainer.num_iterations}, trainer.target_flops={trainer.target_flops} "
+        f"and trainer.target_param_data_ratio={trainer.target_param_data_ratio} leave the run length "
+        "undefined: set one of them to a positive value.",
+    )
+    _require(
+        trainer.num_iterations > 0 or trainer.num_iterations == -1,
+        f"trainer.num_iterations={trainer.num_iterations} must be positive, or -1 to derive it.",
+    )
+
+
+def _check_batch(trainer: DictConfig, sequence_len: int, world_size: int) -> None:
+    _positive(trainer, "trainer", ["device_batch_size", "total_batch_size", "eval_tokens", "log_every"])
+    tokens_per_micro_step = trainer.device_batch_size * sequence_len * world_size
+    _require(
+        trainer.total_batch_size % tokens_per_micro_step == 0,
+        f"trainer.total_batch_size={trainer.total_batch_size} is not divisible by device_batch_size x "
+        f"sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size}.",
+    )
+    _require(
+        trainer.eval_tokens >= tokens_per_micro_step,
+        f"trainer.eval_tokens={trainer.eval_tokens} is smaller than one evaluation batch: device_batch_size "
+        f"x sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size} "
+        f"= {tokens_per_micro_step} tokens.",
+    )
+    _require(trainer.grad_clip >= 0, f"trainer.grad_clip={trainer.grad_clip} must be >= 0 (0 disables clipping).")
+    peak = trainer.peak_flops
+    _require(peak is None or peak > 0, f"trainer.peak_flops={peak} must be a positive FLOP/s figure or null.")
+
+
+def _check_device(trainer: DictConfig) -> None:
+    _require(trainer.device in DEVICES, f"trainer.device={trainer.device} is not one of {', '.join(DEVICES)}.")
+    _require(trainer.dtype in DTYPES, f"trainer.dtype={trainer.dtype} is not one of {', '.join(DTYPES)}.")
+    _require(
+        trainer.device != "cuda" or torch.cuda.is_available(),
+        "trainer.device=cuda was asked for, but PyTorch sees no CUDA device on this machine.",
+    )
+    _require(
+        trainer.device != "mps" or torch.backends.mps.is_available(),
+        "trainer.device=mps was asked for, but PyTorch sees no MPS device on this machine.",
+    )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError naming the first offending key; return silently if the config is usable."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as error:  # an interpolation pointing nowhere, a resolver on bad input, ...
+        raise UserError(f"the config does not resolve: {error}".replace("\n", " ")) from None
+    _check_model(cfg.model)
+    _check_optimizer(cfg.optimizer)
+    _check_schedule(cfg.trainer)
+    _check_batch(cfg.trainer, cfg.model.sequence_len, world_size_from_env())
+    _check_device(cfg.trainer)
+    mode = cfg.logger.get("mode", "disabled")
+    _require(mode in LOGGER_MODES, f"logger.mode={mode} is not one of {', '.join(LOGGER_MODES)}.")
+    vocab_size = cfg.tokenizer.vocab_size
+    _require(
+        isinstance(vocab_size, int) and vocab_size > 256 + 9,
+        f"tokenizer.vocab_size={vocab_size} must exceed 265 (256 byte tokens plus 9 special tokens).",
+    )
+
+
+def resolved_container(cfg: DictConfig) -> dict:
+    """The fully resolved config as plain containers, for logging and checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+

@@ -1,0 +1,124 @@
+"""The on-disk format every corpus shares, and a base class for corpora stored in it.
+
+A corpus is a directory with train/ and val/ subdirectories of parquet shards named
+shard_00000.parquet, shard_00001.parquet, ...: one string column `text`, one document per row,
+row groups of 1024 documents (FineWeb-Edu's layout). The row group is the unit of reading,
+shuffling and distributing across ranks, so nothing ever loads a whole shard.
+
+Every file is written under a temporary name in its final directory and renamed into place, so
+a killed writer never leaves a truncated shard that a later run would take as valid.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import itertools
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.errors import UserError
+
+SPLITS = ("train", "val")
+SHARD_GLOB = "shard_*.parquet"
+_SCHEMA = pa.schema([("text", pa.string())])
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty temporary file next to `path`; on success fsyncs it and renames it to `path`.
+
+    The temporary name starts with "." and ends in ".tmp", so it never matches SHARD_GLOB; it is
+    created with open(), not mkstemp, so the final file gets the usual umask permissions.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.open("xb").close()
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def write_shards(
+    documents: Iterable[str],
+    out_dir: str | os.PathLike,
+    docs_per_row_group: int = 1024,
+    docs_per_shard: int = 64 * 1024,
+) -> list[Path]:
+    """Streams documents into out_dir/shard_*.parquet and returns the shard paths in order.
+
+    Memory holds one row group at a time. out_dir ends up holding exactly these shards: stale
+    shard files from an earlier, larger write are removed, so it never mixes two versions.
+    """
+    if docs_per_row_group < 1 or docs_per_shard < 1 or docs_per_shard % docs_per_row_group != 0:
+        raise ValueError(
+            f"docs_per_shard={docs_per_shard} must be a positive multiple of docs_per_row_group={docs_per_row_group}"
+        )
+    out_dir = Path(out_dir)
+    row_groups = _chunks(documents, docs_per_row_group)
+    pending = next(row_groups, None)
+    shards: list[Path] = []
+    while pending is not None:
+        path = out_dir / shard_name(len(shards))
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, _SCHEMA, compression="zstd") as writer:
+            for _ in range(docs_per_shard // docs_per_row_group):
+                if pending is None:
+                    break
+                writer.write_table(pa.table({"text": pending}, schema=_SCHEMA), row_group_size=len(pending))
+                pending = next(row_groups, None)
+        shards.append(path)
+    for stale in set(out_dir.glob(SHARD_GLOB)) - set(shards):
+        stale.unlink()
+    return shards
+
+
+class ParquetCorpus(abc.ABC):
+    """A corpus stored as <data_dir>/{train,val}/shard_*.parquet; subclasses know how to make it."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir).expanduser()
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Makes sure the shards exist (download, convert, ...); cheap when they already do."""
+
+    def split_dir(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise UserError(f"Data split {split!r} is not one of {', '.join(SPLITS)}.")
+        return self.data_dir / split
+
+    def files(self, split: str) -> list[Path]:
+        """The split's shards in name order."""
+        directory = self.split_dir(split)
+        found = sorted(directory.glob(SHARD_GLOB))
+        if not found:
+            raise UserError(f"No {SHARD_GLOB} files in {directory}; prepare the corpus first.")
+        return found
+
+    def iter_documents(self, split: str) -> Iterator[str]:
+        """Every document of the split in file order, read one row group at a time."""
+        for path in self.files(split):
+            with pq.ParquetFile(path) as parquet:
+                for index in range(parquet.num_row_groups):
+                    yield from parquet.read_row_group(index, columns=["text"]).column("text").to_pylist()

@@ -1,0 +1,61 @@
+"""Validation bits per byte and text samples.
+
+Bits per byte is tokenizer-independent, so models with different vocabularies compare on one axis:
+the summed cross-entropy (nats) of every target token, divided by ln 2 and by the number of UTF-8
+bytes those target tokens decode to. Special tokens (BOS) decode to no text: they count zero bytes
+and their loss is left out. This is not mean loss x 1.4427, which would be bits per *token*.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from nanochat.device import autocast
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    token_bytes: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
+    was_training = model.training
+    model.eval()
+    token_bytes = token_bytes.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            losses = model(inputs, targets, loss_reduction="none")
+        # ignore_index targets (-1) have no bytes either
+        nbytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
+        counted = nbytes > 0
+        total_nats += losses.double()[counted].sum()
+        total_bytes += nbytes.sum()
+    model.train(was_training)
+    if total_bytes.item() == 0:
+        raise ValueError("validation batches held no text bytes: bits per byte is undefined")
+    return (total_nats / (math.log(2) * total_bytes.double())).item()
+
+
+def sample_completions(
+    model, tokenizer, prompts: Iterable[str], max_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+) -> list[tuple[str, str]]:
+    """Continue each prompt (BOS first, as in training) with fixed seeds, so samples from different
+    steps of one run differ only because the model did. A sample ends where the model starts a new
+    document (BOS)."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    for index, prompt in enumerate(prompts):
+        tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
+        out = model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, seed=seed + index)
+        if tokenizer.bos_id in out:
+            out = out[: out.index(tokenizer.bos_id)]
+        samples.append((prompt, tokenizer.decode(out)))
+    model.train(was_training)
+    return samples

@@ -1,0 +1,87 @@
+"""Experiment tracking: Weights & Biases when it is wanted and works, and always a local
+metrics.jsonl in the run dir (one JSON object per logged step), so nothing depends on W&B.
+
+W&B runs offline by default: no account or network needed, and `wandb sync <run_dir>/wandb`
+uploads the run later. If W&B cannot start, training warns once and carries on with local logs.
+"""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+
+class Tracker:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        run_config: dict,
+        backend: str = "wandb",
+        mode: str = "offline",
+        project: str = "nanochat-hydra",
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._samples_file = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")
+        self.wandb_run = None
+        if backend == "wandb" and mode != "disabled":
+            self.wandb_run = self._start_wandb(run_config, mode, project, entity, name or self.run_dir.name, group, tags)
+
+    def _start_wandb(self, run_config, mode, project, entity, name, group, tags):
+        try:
+            import wandb
+
+            run = wandb.init(
+                project=project,
+                entity=entity,
+                name=name,
+                group=group,
+                tags=list(tags),
+                config=run_config,
+                dir=str(self.run_dir),
+                mode=mode,
+                # The loop reports its own timings; W&B's samplers and stdout capture would only
+                # compete for CPU and mangle the progress line.
+                settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
+            )
+            run.define_metric("val/bpb", summary="min")
+            return run
+        except Exception as error:  # any failure here must not cost the training run
+            warnings.warn(f"W&B could not start ({type(error).__name__}: {error}); logging to metrics.jsonl only.")
+            return None
+
+    def log(self, metrics: dict, step: int) -> None:
+        record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        for prompt, completion in samples:
+            self._samples_file.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+        self._samples_file.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "completion"], data=[[step, p, c] for p, c in samples])
+            self.wandb_run.log({"samples": table}, step=step)
+
+    def finish(self) -> None:
+        self._metrics_file.close()
+        self._samples_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity; a diverged loss is logged as null rather than as invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,179 @@
+import pytest
+import torch
+
+from nanochat.model import GPT, GPTConfig
+from nanochat.muon import Muon, zeropower_via_newtonschulz5
+from nanochat.optim import (
+    adamw,
+    adamw_muon,
+    apply_schedule,
+    check_groups_cover_model,
+    lr_multiplier,
+    muon_momentum,
+)
+
+D4_LIKE = GPTConfig(sequence_len=32, vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(D4_LIKE)
+
+
+def group_of(optimizers, name):
+    return next(g for opt in optimizers for g in opt.param_groups if g["name"] == name)
+
+
+@pytest.mark.parametrize("builder", [adamw, adamw_muon])
+def test_every_parameter_is_in_exactly_one_group(model, builder):
+    optimizers = builder(model)
+    grouped = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
+    assert all(g["initial_lr"] == g["lr"] for opt in optimizers for g in opt.param_groups)
+
+
+def test_group_check_rejects_missing_and_duplicated_parameters(model):
+    missing = torch.optim.AdamW(list(model.transformer.h.parameters()))
+    with pytest.raises(ValueError, match="not in any param group: transformer.wte.weight, lm_head.weight"):
+        check_groups_cover_model(model, [missing])
+    everything = torch.optim.AdamW(list(model.parameters()))
+    head_again = torch.optim.AdamW([model.lm_head.weight])  # torch itself only rejects repeats within one optimizer
+    with pytest.raises(ValueError, match="in more than one param group: lm_head.weight"):
+        check_groups_cover_model(model, [everything, head_again])
+    check_groups_cover_model(model, [everything])
+
+
+def test_adamw_decays_matrices_but_not_the_token_embedding(model):
+    (optimizer,) = adamw(model, weight_decay=0.1, betas=[0.9, 0.99])
+    decay, no_decay = group_of([optimizer], "decay"), group_of([optimizer], "no_decay")
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [id(p) for p in no_decay["params"]] == [id(model.transformer.wte.weight)]
+    assert any(p is model.lm_head.weight for p in decay["params"])
+    assert decay["betas"] == (0.9, 0.99)
+
+
+def test_adamw_muon_splits_parameters_and_scales_adam_lrs_with_width(model):
+    adam, muon = adamw_muon(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
+    assert isinstance(adam, torch.optim.AdamW) and isinstance(muon, Muon)
+    scale = (64 / 768) ** -0.5  # about 3.46 for a 64-wide model
+    embedding, unembedding = group_of([adam], "embedding"), group_of([adam], "unembedding")
+    assert embedding["lr"] == pytest.approx(0.2 * scale)
+    assert unembedding["lr"] == pytest.approx(0.004 * scale)
+    assert embedding["params"][0] is model.transformer.wte.weight
+    assert unembedding["params"][0] is model.lm_head.weight
+    (matrix,) = muon.param_groups
+    assert matrix["lr"] == 0.02  # Muon's lr is not width-scaled
+    assert {id(p) for p in matrix["params"]} == {id(p) for p in model.transformer.h.parameters()}
+
+
+def test_newton_schulz_output_is_close_to_orthogonal():
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(64, 128), (128, 64)]:
+        G = torch.randn(shape, generator=generator)
+        X = zeropower_via_newtonschulz5(G, steps=5)
+        assert X.shape == shape and X.dtype == torch.bfloat16
+        singular_values = torch.linalg.svdvals(X.float())
+        assert singular_values.min() > 0.5 and singular_values.max() < 1.5
+        assert singular_values.mean().item() == pytest.approx(1.0, abs=0.2)
+        # Unlike the input, whose singular values spread over a wide range.
+        input_singular_values = torch.linalg.svdvals(G)
+        assert input_singular_values.max() / input_singular_values.min() > 5
+
+
+@pytest.mark.parametrize("shape, shape_scale", [((32, 64), 1.0), ((64, 16), 2.0)])
+def test_first_muon_step_moves_weights_by_lr_times_orthogonalised_gradient(shape, shape_scale):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape))
+    before = weight.detach().clone()
+    weight.grad = torch.randn(shape)
+    momentum, lr = 0.9, 0.05
+    Muon([weight], lr=lr, momentum=momentum, nesterov=True, ns_steps=5).step()
+    # From a zero buffer: buffer = (1 - m) g, and the Nesterov blend is g + m * (buffer - g).
+    nesterov_update = weight.grad + momentum * ((1 - momentum) * weight.grad - weight.grad)
+    expected = before - lr * shape_scale * zeropower_via_newtonschulz5(nesterov_update, 5).float()
+    torch.testing.assert_close(weight.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_muon_momentum_buffer_is_an_ema_of_gradients():
+    weight = torch.nn.Parameter(torch.zeros(8, 8))
+    optimizer = Muon([weight], lr=0.1, momentum=0.5)
+    grads = [torch.full((8, 8), 2.0), torch.full((8, 8), 4.0)]
+    for grad in grads:
+        weight.grad = grad
+        optimizer.step()
+    # 0 -> 0.5 * 2 = 1 -> 0.5 * 1 + 0.5 * 4 = 2.5
+    torch.testing.assert_close(optimizer.state[weight]["momentum_buffer"], torch.full((8, 8), 2.5))
+
+
+def test_muon_rejects_non_matrix_parameters():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
+
+
+def test_lr_multiplier_without_warmup_is_one_until_warmdown_then_reaches_final_fraction():
+    # N = 100, no warmup, warmdown 20 steps (80..100), final 0.1
+    schedule = dict(num_iterations=100, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.1)
+    assert lr_multiplier(0, **schedule) == 1.0
+    assert lr_multiplier(80, **schedule) == 1.0  # N - D is the last full-lr step
+    assert lr_multiplier(81, **schedule) == pytest.approx(19 / 20 + (1 / 20) * 0.1)
+    assert lr_multiplier(90, **schedule) == pytest.approx(0.55)
+    assert lr_multiplier(99, **schedule) == pytest.approx(1 / 20 + (19 / 20) * 0.1)  # last optimizer step
+    assert lr_multiplier(100, **schedule) == pytest.approx(0.1)
+
+
+def test_lr_multiplier_warmup_is_linear_from_one_over_warmup_steps():
+    # N = 100, warmup 10 steps (0..9), warmdown 30 steps (70..100), final 0
+    schedule = dict(num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.3, final_lr_frac=0.0)
+    assert lr_multiplier(0, **schedule) == pytest.approx(0.1)
+    assert lr_multiplier(4, **schedule) == pytest.approx(0.5)
+    assert lr_multiplier(9, **schedule) == 1.0  # last warmup step already reaches full lr
+    assert lr_multiplier(10, **schedule) == 1.0
+    assert lr_multiplier(70, **schedule) == 1.0
+    assert lr_multiplier(85, **schedule) == pytest.approx(0.5)
+    assert lr_multiplier(100, **schedule) == 0.0
+
+
+def test_lr_multiplier_rounds_the_phase_lengths_to_nearest():
+    # 0.18 * 10 = 1.8 -> a 2-step warmup; 0.26 * 10 = 2.6 -> a 3-step warmdown (truncation would give 1 and 2)
+    schedule = dict(num_iterations=10, warmup_ratio=0.18, warmdown_ratio=0.26, final_lr_frac=0.0)
+    expected = [0.5, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0]
+    assert [lr_multiplier(s, **schedule) for s in range(11)] == pytest.approx(expected)
+
+
+def test_muon_momentum_warms_up_linearly_then_holds():
+    assert muon_momentum(0, 0.85, 0.95, 300) == pytest.approx(0.85)
+    assert muon_momentum(150, 0.85, 0.95, 300) == pytest.approx(0.90)
+    assert muon_momentum(300, 0.85, 0.95, 300) == pytest.approx(0.95)
+    assert muon_momentum(1000, 0.85, 0.95, 300) == pytest.approx(0.95)
+    assert muon_momentum(0, 0.85, 0.95, 0) == 0.95
+
+
+def test_apply_schedule_sets_lr_from_initial_lr_and_muon_momentum(model):
+    optimizers = adamw_muon(model, matrix_lr=0.02, momentum_start=0.85, momentum=0.95, momentum_warmup_steps=300)
+    adam, muon = optimizers
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.85)  # step 0 value at build time
+    initial = [g["initial_lr"] for opt in optimizers for g in opt.param_groups]
+    apply_schedule(optimizers, step=150, lr_mult=0.5)
+    assert [g["lr"] for opt in optimizers for g in opt.param_groups] == pytest.approx([lr * 0.5 for lr in initial])
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.90)
+    assert "momentum" not in adam.param_groups[0]  # AdamW groups are left without momentum keys
+    apply_schedule(optimizers, step=151, lr_mult=1.0)  # multipliers do not compound
+    assert [g["lr"] for opt in optimizers for g in opt.param_groups] == pytest.approx(initial)
+
+
+@pytest.mark.parametrize("builder", [adamw, adamw_muon])
+def test_three_optimizer_steps_move_every_parameter_of_a_freshly_initialised_model(model, builder):
+    # With the zero-initialised head and output projections, gradient reaches one level deeper per
+    # step: step 1 moves lm_head, step 2 the embedding and the c_proj's, step 3 everything else.
+    optimizers = builder(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    idx = torch.randint(0, D4_LIKE.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(idx, idx).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    unchanged = [name for (name, p), b in zip(model.named_parameters(), before) if torch.equal(b, p)]
+    assert unchanged == []

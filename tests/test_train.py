@@ -1,0 +1,136 @@
+"""End to end through `python train.py`, on the synthetic Shakespeare corpus (no network)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+
+REPO = Path(__file__).resolve().parents[1]
+LOGGED_EVERY_STEP = [
+    "train/loss",
+    "train/loss_ema",
+    "train/grad_norm",
+    "train/lrm",
+    "train/tok_per_sec",
+    "train/mfu",
+    "train/dt",
+    "total_training_time",
+    "total_training_flops",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run_overrides(data_dir: Path) -> list[str]:
+    return [
+        f"data.data_dir={data_dir}",
+        f"data.val_bytes={FAKE_VAL_BYTES}",
+        f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
+        "model.n_layer=2",
+        "model.sequence_len=64",
+        "trainer.device_batch_size=8",
+        "trainer.total_batch_size=1024",  # two micro-steps: grad accumulation is exercised
+        "trainer.eval_tokens=2048",
+        "trainer.sample_tokens=8",
+    ]
+
+
+def train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_lowers_the_loss_and_writes_its_run_dir(shakespeare_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(
+        *tiny_run_overrides(shakespeare_data_dir),
+        "trainer.num_iterations=60",
+        "trainer.eval_every=30",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(run_dir)
+    train_records = [r for r in records if "train/loss" in r]
+    val_records = [r for r in records if "val/bpb" in r]
+    assert [r["step"] for r in train_records] == list(range(60))
+    assert all(key in r for r in train_records for key in LOGGED_EVERY_STEP)
+    assert train_records[-1]["train/loss_ema"] < train_records[0]["train/loss"] - 1.0
+    assert [r["step"] for r in val_records] == [0, 30, 60]
+    assert val_records[-1]["val/bpb"] < val_records[0]["val/bpb"] - 0.3
+    assert (run_dir / "checkpoints" / "step_000060" / "COMPLETE").exists()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(s["step"] == 60 for s in samples)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "the default logger keeps an offline W&B run"
+    assert "val bpb" in result.stdout and "tok/s" in result.stdout
+
+
+def test_d12_with_muon_runs_and_logs_every_metric(shakespeare_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(
+        "model=d12",
+        "optimizer=adamw_muon",
+        "trainer.num_iterations=2",
+        "trainer.device_batch_size=1",
+        "trainer.total_batch_size=64",
+        "model.sequence_len=64",
+        f"data.data_dir={shakespeare_data_dir}",
+        f"data.val_bytes={FAKE_VAL_BYTES}",
+        f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
+        "trainer.eval_tokens=256",
+        "trainer.sample_tokens=4",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "train/loss" in r] == [0, 1]
+    assert all(key in r for r in records if "train/loss" in r for key in LOGGED_EVERY_STEP)
+    assert "parameters: 85," in result.stdout  # 12 x 12 x 768^2 block weights + embeddings
+
+
+def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = train(
+        "-m",
+        "optimizer.lr=1e-4,3e-4",
+        *tiny_run_overrides(shakespeare_data_dir),
+        "trainer.num_iterations=3",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    job_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in job_dirs] == ["0", "1"]
+    for job_dir, lr in zip(job_dirs, [1e-4, 3e-4]):
+        assert OmegaConf.load(job_dir / ".hydra" / "config.yaml").optimizer.lr == lr
+        assert len([r for r in read_metrics(job_dir) if "train/loss" in r]) == 3
+        assert len(list((job_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_bad_config_exits_with_one_sentence_and_leaves_no_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train("trainer.total_batch_size=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.total_batch_size=1000 is not divisible by device_batch_size x sequence_len x "
+        "world_size = 8 x 256 x 1."
+    ]
+    assert not run_dir.exists()
+
+
+def test_misspelt_key_is_named_without_a_traceback(tmp_path):
+    result = train("trainer.lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "lrr" in result.stderr and "Traceback" not in result.stderr
