@@ -26,11 +26,14 @@ LOGGED_EVERY_STEP = [
 pytestmark = pytest.mark.slow
 
 
+def fake_corpus_overrides(data_dir: Path) -> list[str]:
+    """Point a run at the conftest's prepared synthetic corpus and its tokenizer."""
+    return [f"data.data_dir={data_dir}", f"data.val_bytes={FAKE_VAL_BYTES}", f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}"]
+
+
 def tiny_run_overrides(data_dir: Path) -> list[str]:
     return [
-        f"data.data_dir={data_dir}",
-        f"data.val_bytes={FAKE_VAL_BYTES}",
-        f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
+        *fake_corpus_overrides(data_dir),
         "model.n_layer=2",
         "model.sequence_len=64",
         "trainer.device_batch_size=8",
@@ -84,9 +87,7 @@ def test_d12_with_muon_runs_and_logs_every_metric(shakespeare_data_dir, tmp_path
         "trainer.device_batch_size=1",
         "trainer.total_batch_size=64",
         "model.sequence_len=64",
-        f"data.data_dir={shakespeare_data_dir}",
-        f"data.val_bytes={FAKE_VAL_BYTES}",
-        f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
+        *fake_corpus_overrides(shakespeare_data_dir),
         "trainer.eval_tokens=256",
         "trainer.sample_tokens=4",
         "logger=none",
