@@ -1,11 +1,15 @@
 """Every config composes and builds; every user mistake is one sentence naming key and value."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from nanochat.config import validate
 from nanochat.errors import UserError
@@ -110,3 +114,21 @@ def test_world_size_enters_the_batch_arithmetic(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UserError, match="= 8 x 256 x 3"):
         validate(compose_config())
+
+
+SWEEPS_DIR = CONF_DIR.parent / "sweeps"
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+def test_every_sweep_file_composes_with_its_first_values(sweep, tmp_path):
+    def show(part: str, *overrides: str) -> dict:
+        command = [sys.executable, str(CONF_DIR.parent / "train.py"), "-cd", str(SWEEPS_DIR), "-cn", sweep]
+        result = subprocess.run([*command, *overrides, "--cfg", part], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)
+
+    params = show("hydra")["hydra"]["sweeper"]["params"]
+    assert params, f"{sweep} sweeps nothing"
+    first_values = [f"{key}={str(values).split(',')[0]}" for key, values in params.items()]
+    job = show("job", *first_values)
+    validate(OmegaConf.create(job))
