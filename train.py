@@ -3,8 +3,10 @@
     python train.py                                   # tiny model on Shakespeare, CPU, minutes
     python train.py model=d12 optimizer=adamw_muon    # nanochat's d12 and optimizer recipe
     python train.py -m optimizer.lr=1e-4,3e-4         # a sweep: one run dir and W&B run per job
+    python train.py hydra.run.dir=<run dir>           # resume that run from its newest checkpoint
 """
 
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from nanochat.checkpoint import check_model_matches, check_tokenizer_matches, load_newest_readable, resume_candidates
 from nanochat.config import resolved_container, validate
 from nanochat.data.loader import TokenLoader
 from nanochat.device import peak_flops, resolve_device, resolve_dtype
@@ -27,9 +30,14 @@ from nanochat.trainer import Trainer, TrainerConfig
 def build_and_fit(cfg: DictConfig) -> float:
     validate(cfg)
     require_single_process()
-    run_dir = HydraConfig.get().runtime.output_dir
-    config = TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype, resolve_device(config.device))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resolved = resolved_container(cfg)
+    config = TrainerConfig(**resolved["trainer"])
+    checkpoint = load_newest_readable(resume_candidates(cfg.resume, run_dir))
+    if checkpoint is not None:
+        check_model_matches(checkpoint, resolved["model"])
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
 
     corpus = instantiate(cfg.data)
@@ -37,42 +45,46 @@ def build_and_fit(cfg: DictConfig) -> float:
     for name, bpb in corpus.compression_baselines().items():
         print(f"reference on this validation text: {name} {bpb:.3f} bits per byte")
     tokenizer = instantiate(cfg.tokenizer, corpus=corpus)
+    tokenizer_identity = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
+    if checkpoint is not None:
+        check_tokenizer_matches(checkpoint, tokenizer_identity)
 
     with torch.device("meta"):
         model = GPT(instantiate(cfg.model))
     model.to_empty(device=device)
     model.init_weights()
     optimizers = instantiate(cfg.optimizer)(model)
-
     batch = dict(tokenizer=tokenizer, batch_size=config.device_batch_size, sequence_len=model.config.sequence_len)
-    train_batches = iter(TokenLoader(corpus.files("train"), seed=config.seed, **batch))
-    make_val_batches = lambda: iter(TokenLoader(corpus.files("val"), shuffle=False, loop=False, **batch))  # noqa: E731
-
+    train_loader = TokenLoader(corpus.files("train"), seed=config.seed, **batch)
+    make_val_batches = lambda: TokenLoader(corpus.files("val"), shuffle=False, loop=False, **batch)  # noqa: E731
     peak, peak_note = peak_flops(device, dtype, config.peak_flops)
     print(peak_note)
-    resolved = resolved_container(cfg)
-    tracker = instantiate(cfg.logger, _partial_=True)(run_dir=run_dir, run_config=resolved)
-    trainer = Trainer(
-        config,
-        model,
-        optimizers,
-        train_batches,
-        make_val_batches,
-        tokenizer,
-        tracker,
-        run_dir,
-        device,
-        dtype,
-        peak,
-        checkpoint_meta={"config": resolved, "tokenizer": tokenizer.fingerprint()},
+
+    # Continuing this run (not starting a new one from another run's checkpoint): same W&B run,
+    # and the local logs cut back to where the checkpoint was taken.
+    same_run = checkpoint is not None and run_dir.resolve() in checkpoint.path.resolve().parents
+    tracker = instantiate(cfg.logger, _partial_=True)(
+        run_dir=run_dir,
+        run_config=resolved,
+        run_id=checkpoint.meta["wandb_run_id"] if same_run else None,
+        log_offsets=checkpoint.meta["log_offsets"] if same_run else None,
     )
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    trainer = Trainer(
+        config, model, optimizers, train_loader, make_val_batches, tokenizer, tracker, run_dir, device, dtype, peak,
+        checkpoint_meta={"config": resolved, "tokenizer": tokenizer_identity},
+        resume_hint=shlex.join(["python", "train.py", f"hydra.run.dir={run_dir}", *overrides]),
+    )
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        print(f"resumed from {checkpoint.path} at step {checkpoint.step}")
     print(trainer.describe())
     try:
         final = trainer.fit()
     finally:
         tracker.finish()
-    print(f"done in {final['wall_time']:.0f}s: val bpb {final['val/bpb']:.4f}, run dir {run_dir}")
-    return final["val/bpb"]
+    print(f"done in {final['wall_time']:.0f}s: val bpb {final.get('val/bpb', float('nan')):.4f}, run dir {run_dir}")
+    return final.get("val/bpb", float("nan"))
 
 
 def discard_if_untouched(run_dir: Path) -> None:

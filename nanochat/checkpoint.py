@@ -1,32 +1,48 @@
 """Checkpoints as folders, one per step, made crash-safe the way torchtitan does it.
 
     <run_dir>/checkpoints/step_000500/
-        model.pt          model weights (tensors only)
-        optimizers.pt     a list with one state_dict per optimizer
-        meta.json         step, resolved config, tokenizer identity, ... (plain JSON)
-        COMPLETE          written last: a folder without it is ignored
+        model.pt          model weights
+        optimizers.pt     one full state_dict per optimizer (AdamW moments, Muon momentum buffers)
+        trainer.pt        data loader position and RNG states
+        meta.json         step, resolved config, tokenizer identity, loss EMA, W&B run id, ...
+        COMPLETE          the commit marker, written last
 
-Files are written into a hidden temporary folder, fsync'd, and the folder is renamed into place
-in one atomic step, so a kill at any moment leaves either no checkpoint or a whole one. Loading
-uses torch.load(weights_only=True): a checkpoint from someone else's disk cannot run code.
+A checkpoint is written into a hidden temporary folder, every file is fsync'd, the marker is
+written, and only then is the folder renamed into place (an atomic rename): a kill at any moment
+leaves either no new checkpoint or a whole one, and anything without the marker is ignored.
+Loading uses torch.load(weights_only=True), so a checkpoint from someone else's disk cannot run
+code; metadata is plain JSON.
 """
 
 import json
 import os
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from nanochat.errors import UserError
+
 COMMIT_MARKER = "COMPLETE"
+META = "meta.json"
+PREFIX = "step_"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+@dataclass
+class Checkpoint:
+    path: Path
+    payload: dict[str, Any]  # name -> what was saved in <name>.pt
+    meta: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,32 +51,46 @@ def _fsync_dir(path: Path) -> None:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
+    return f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict, optimizer_states: list[dict], meta: dict) -> Path:
+def save_checkpoint(checkpoint_dir: str | Path, step: int, payload: dict[str, Any], meta: dict, keep_last: int) -> Path:
+    """Write payload (each entry as <name>.pt) and meta atomically; keep the newest keep_last."""
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / checkpoint_name(step)
     staging = checkpoint_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    torch.save(model_state, staging / "model.pt")
-    torch.save(optimizer_states, staging / "optimizers.pt")
-    (staging / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    (staging / COMMIT_MARKER).write_text("")
+    for name, obj in payload.items():
+        torch.save(obj, staging / f"{name}.pt")
+    (staging / META).write_text(json.dumps({"step": step, **meta}, indent=1))
     for path in staging.iterdir():
-        _fsync_file(path)
-    _fsync_dir(staging)
-    if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it)
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    _fsync_dir(checkpoint_dir)
+        _fsync(path)
+    (staging / COMMIT_MARKER).write_text("")
+    _fsync(staging / COMMIT_MARKER)
+    _fsync(staging)
+    if final.exists():  # this step was saved before (a resumed run passing it again): replace it
+        displaced = checkpoint_dir / f".{final.name}.old-{os.getpid()}"
+        os.rename(final, displaced)
+        os.rename(staging, final)
+        shutil.rmtree(displaced)
+    else:
+        os.rename(staging, final)
+    _fsync(checkpoint_dir)
+    for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+        shutil.rmtree(old)
     return final
 
 
+def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:
+    """Delete what killed saves left behind (hidden .step_* folders); only one process writes here."""
+    for leftover in Path(checkpoint_dir).glob(f".{PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (path / COMMIT_MARKER).exists()
+    return path.is_dir() and path.name.startswith(PREFIX) and (path / COMMIT_MARKER).is_file()
 
 
 def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -68,13 +98,87 @@ def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
-    return sorted(p for p in checkpoint_dir.glob("step_*") if is_complete(p))
+    return sorted(p for p in checkpoint_dir.iterdir() if is_complete(p))
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, list[dict], dict]:
-    """(model state, optimizer states, meta) of one committed checkpoint folder."""
+def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
     path = Path(path)
-    model_state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
-    optimizer_states = torch.load(path / "optimizers.pt", map_location=map_location, weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
-    return model_state, optimizer_states, meta
+    meta = json.loads((path / META).read_text())
+    payload = {
+        p.stem: torch.load(p, map_location=map_location, weights_only=True) for p in sorted(path.glob("*.pt"))
+    }
+    return Checkpoint(path, payload, meta)
+
+
+def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
+    """The checkpoints `resume` points at, newest first.
+
+    resume=none: none. resume=auto: those in this run dir (none is fine: a fresh start).
+    resume=<path>: a checkpoint folder, or a run dir / checkpoints dir holding some; it must exist
+    and hold at least one complete checkpoint.
+    """
+    if resume == "none":
+        return []
+    if resume == "auto":
+        return complete_checkpoints(run_dir / "checkpoints")[::-1]
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise UserError(f"resume={resume} does not exist.")
+    if is_complete(path):
+        return [path]
+    for folder in (path, path / "checkpoints"):
+        found = complete_checkpoints(folder)
+        if found:
+            return found[::-1]
+    raise UserError(
+        f"resume={resume} holds no complete checkpoint (a {PREFIX}NNNNNN folder with its {COMMIT_MARKER} marker)."
+    )
+
+
+def load_newest_readable(candidates: list[Path], map_location="cpu") -> Checkpoint | None:
+    """Load the newest candidate that reads; warn about each corrupt one skipped on the way."""
+    for path in candidates:
+        try:
+            return load_checkpoint(path, map_location)
+        except Exception as error:  # a truncated or corrupted file, whatever the exception type
+            bad = _first_unreadable_file(path)
+            warnings.warn(f"checkpoint file {bad} is unreadable ({type(error).__name__}); trying an older checkpoint.")
+    if candidates:
+        raise UserError(f"no checkpoint under {candidates[0].parent} could be read; see the warnings above.")
+    return None
+
+
+def _first_unreadable_file(path: Path) -> Path:
+    for file in sorted(path.glob("*.pt")) + [path / META]:
+        try:
+            if file.suffix == ".pt":
+                torch.load(file, map_location="cpu", weights_only=True)
+            else:
+                json.loads(file.read_text())
+        except Exception:
+            return file
+    return path
+
+
+def check_model_matches(checkpoint: Checkpoint, model_config: dict) -> None:
+    """Refuse a checkpoint whose parameter shapes differ from this run's model config."""
+    keys = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size")
+    saved = checkpoint.meta["config"]["model"]
+    differing = [
+        f"model.{k} ({saved.get(k)} in the checkpoint, {model_config.get(k)} now)"
+        for k in keys
+        if saved.get(k) != model_config.get(k)
+    ]
+    if differing:
+        raise UserError(f"cannot resume from {checkpoint.path}: the model differs in {', '.join(differing)}.")
+
+
+def check_tokenizer_matches(checkpoint: Checkpoint, tokenizer_identity: dict) -> None:
+    """Refuse a checkpoint trained with another tokenizer: its token ids would mean other strings."""
+    saved = checkpoint.meta["tokenizer"]
+    if saved != tokenizer_identity:
+        raise UserError(
+            f"cannot resume from {checkpoint.path}: it was trained with tokenizer {saved['fingerprint']} "
+            f"(vocab {saved['vocab_size']}), this run's tokenizer is {tokenizer_identity['fingerprint']} "
+            f"(vocab {tokenizer_identity['vocab_size']})."
+        )

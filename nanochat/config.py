@@ -97,6 +97,10 @@ def _check_batch(trainer: DictConfig, sequence_len: int, world_size: int) -> Non
         f"= {tokens_per_micro_step} tokens.",
     )
     _require(trainer.grad_clip >= 0, f"trainer.grad_clip={trainer.grad_clip} must be >= 0 (0 disables clipping).")
+    _require(
+        isinstance(trainer.keep_last, int) and trainer.keep_last >= 2,
+        f"trainer.keep_last={trainer.keep_last} must be at least 2 (the newest checkpoint may be the one being written).",
+    )
     peak = trainer.peak_flops
     _require(peak is None or peak > 0, f"trainer.peak_flops={peak} must be a positive FLOP/s figure or null.")
 
@@ -127,6 +131,10 @@ def validate(cfg: DictConfig) -> None:
     _check_device(cfg.trainer)
     mode = cfg.logger.get("mode", "disabled")
     _require(mode in LOGGER_MODES, f"logger.mode={mode} is not one of {', '.join(LOGGER_MODES)}.")
+    _require(
+        isinstance(cfg.resume, str) and cfg.resume != "",
+        f"resume={cfg.resume} must be auto, none or the path of a checkpoint or run dir.",
+    )
     vocab_size = cfg.tokenizer.vocab_size
     _require(
         isinstance(vocab_size, int) and vocab_size > 256 + 9,

@@ -55,6 +55,12 @@ class StepClock:
             self.timed_steps += 1
         return dt
 
+    def state_dict(self) -> dict:
+        return {"total_time": self.total_time, "timed_steps": self.timed_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_time, self.timed_steps = state["total_time"], state["timed_steps"]
+
     def eta_seconds(self, steps_left: int, last_dt: float) -> float:
         mean = self.total_time / self.timed_steps if self.timed_steps else last_dt
         return mean * steps_left

@@ -3,12 +3,19 @@ metrics.jsonl in the run dir (one JSON object per logged step), so nothing depen
 
 W&B runs offline by default: no account or network needed, and `wandb sync <run_dir>/wandb`
 uploads the run later. If W&B cannot start, training warns once and carries on with local logs.
+
+A resumed run continues the same W&B run (same id, online or offline) and cuts metrics.jsonl and
+samples.jsonl back to where they stood when its checkpoint was written, so the files read as one
+uninterrupted run.
 """
 
 import json
 import math
+import uuid
 import warnings
 from pathlib import Path
+
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class Tracker:
@@ -23,14 +30,30 @@ class Tracker:
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | tuple[str, ...] = (),
+        run_id: str | None = None,
+        log_offsets: dict[str, int] | None = None,
     ):
+        """run_id and log_offsets come from a checkpoint when resuming (see offsets())."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if log_offsets is not None:
+            for log_file in LOG_FILES:
+                path = self.run_dir / log_file
+                if path.exists():
+                    with open(path, "r+b") as f:
+                        f.truncate(log_offsets.get(log_file, 0))
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples_file = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")
+        # Our own id (W&B's format: 8+ lowercase alphanumerics) so that it is known, and saved in
+        # checkpoints, even when W&B is off or fails to start.
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.wandb_run = None
         if backend == "wandb" and mode != "disabled":
             self.wandb_run = self._start_wandb(run_config, mode, project, entity, name or self.run_dir.name, group, tags)
+
+    def offsets(self) -> dict[str, int]:
+        """Byte length of each local log now; a checkpoint stores them for resume."""
+        return {"metrics.jsonl": self._metrics_file.tell(), "samples.jsonl": self._samples_file.tell()}
 
     def _start_wandb(self, run_config, mode, project, entity, name, group, tags):
         try:
@@ -45,6 +68,8 @@ class Tracker:
                 config=run_config,
                 dir=str(self.run_dir),
                 mode=mode,
+                id=self.run_id,
+                resume="allow",
                 # The loop reports its own timings; W&B's samplers and stdout capture would only
                 # compete for CPU and mangle the progress line.
                 settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),

@@ -5,19 +5,26 @@ One optimizer step (see DESIGN.md, "Data flow of one step"):
     -> global grad norm (always measured; clipped only when grad_clip > 0)
     -> lr multiplier and Muon momentum for this step -> every optimizer steps -> zero grads
     -> train/* metrics to metrics.jsonl (and W&B) and a progress line
-The loop runs num_iterations + 1 times so that evaluation, sampling and the final checkpoint happen
-after the last update.
+The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
+
+A checkpoint taken after update s-1 holds everything the next steps depend on (weights, optimizer
+states, loader position, RNG states, loss EMA, clocks), so a run resumed from it continues exactly
+as if it had never stopped: on a CPU its losses are bitwise the uninterrupted run's. SIGTERM and
+SIGINT finish the step in flight, write such a checkpoint and return.
 """
 
 import itertools
+import random
+import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from nanochat.checkpoint import save_checkpoint
+from nanochat.checkpoint import Checkpoint, remove_stale_temporaries, save_checkpoint
 from nanochat.device import autocast, synchronize
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.metrics import LossEMA, StepClock, format_duration, mfu_percent
@@ -43,6 +50,7 @@ class TrainerConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["The capital of France is"])
     sample_tokens: int = 32
     save_every: int = -1
+    keep_last: int = 2
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"
@@ -75,13 +83,36 @@ def is_due(step: int, every: int) -> bool:
     return every > 0 and step > 0 and step % every == 0
 
 
+def rng_states() -> dict:
+    """Every RNG the run could draw from, as tensors and plain containers (weights_only-loadable)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {k: torch.from_numpy(np.asarray(v)) for k, v in numpy_state["state"].items()}
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {k: v.numpy() for k, v in numpy_state["state"].items()}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class Trainer:
     def __init__(
         self,
         config: TrainerConfig,
         model: torch.nn.Module,
         optimizers: list[torch.optim.Optimizer],
-        train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        train_loader,
         make_val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
         tokenizer,
         tracker,
@@ -90,13 +121,14 @@ class Trainer:
         dtype: torch.dtype,
         peak_flops: float | None,
         checkpoint_meta: dict,
+        resume_hint: str = "",
         world_size: int = 1,
     ):
         self.config = config
         self.model = model  # the uncompiled module: its state_dict and generate() are what we save and sample
         self.forward = torch.compile(model) if config.compile else model
         self.optimizers = optimizers
-        self.train_batches = train_batches
+        self.train_loader = train_loader  # an iterator of (inputs, targets) with state_dict()
         self.make_val_batches = make_val_batches
         self.tokenizer = tokenizer
         self.token_bytes = tokenizer.token_bytes()
@@ -106,6 +138,7 @@ class Trainer:
         self.dtype = dtype
         self.peak_flops = peak_flops
         self.checkpoint_meta = checkpoint_meta
+        self.resume_hint = resume_hint
         self.world_size = world_size
 
         self.sequence_len = model.config.sequence_len
@@ -117,6 +150,8 @@ class Trainer:
         self.loss_ema = LossEMA(beta=0.9)
         self.clock = StepClock(skip=10)
         self.min_val_bpb = float("inf")
+        self.start_step = 0
+        self.stop_signal: int | None = None
 
     def describe(self) -> str:
         c = self.config
@@ -146,21 +181,41 @@ class Trainer:
         self.tracker.log_samples(step, samples)
 
     def save(self, step: int) -> Path:
+        """Checkpoint the state after `step` updates: what the next update needs, and nothing later."""
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "trainer": {"loader": self.train_loader.state_dict(), "rng": rng_states()},
+        }
         meta = {
             **self.checkpoint_meta,
             "loss_ema": self.loss_ema.state_dict(),
-            "min_val_bpb": self.min_val_bpb,
-            "total_training_time": self.clock.total_time,
+            "min_val_bpb": self.min_val_bpb if self.min_val_bpb < float("inf") else None,
+            "clock": self.clock.state_dict(),
+            "wandb_run_id": self.tracker.run_id,
+            "log_offsets": self.tracker.offsets(),
         }
-        optimizer_states = [opt.state_dict() for opt in self.optimizers]
-        return save_checkpoint(self.run_dir / "checkpoints", step, self.model.state_dict(), optimizer_states, meta)
+        return save_checkpoint(self.run_dir / "checkpoints", step, payload, meta, self.config.keep_last)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a checkpoint written by save(): the next update is checkpoint.step."""
+        self.model.load_state_dict(checkpoint.payload["model"])
+        for optimizer, state in zip(self.optimizers, checkpoint.payload["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        self.train_loader.load_state_dict(checkpoint.payload["trainer"]["loader"])
+        set_rng_states(checkpoint.payload["trainer"]["rng"])
+        meta = checkpoint.meta
+        self.loss_ema.load_state_dict(meta["loss_ema"])
+        self.min_val_bpb = meta["min_val_bpb"] if meta["min_val_bpb"] is not None else float("inf")
+        self.clock.load_state_dict(meta["clock"])
+        self.start_step = checkpoint.step
 
     def train_step(self, step: int) -> dict:
         c = self.config
         self.clock.start()
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum_steps):
-            inputs, targets = next(self.train_batches)
+            inputs, targets = next(self.train_loader)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
@@ -202,32 +257,48 @@ class Trainer:
             f"| eta {format_duration(eta)}"
         )
 
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint.", flush=True)
+
     def fit(self) -> dict:
-        """Train for num_iterations steps; returns the final metrics (val/bpb among them)."""
+        """Train up to num_iterations updates; returns the final metrics (val/bpb among them).
+
+        final["stopped_by"] is the signal's name when SIGTERM/SIGINT cut the run short."""
         c = self.config
         final: dict = {}
         wall_start = time.perf_counter()
+        remove_stale_temporaries(self.run_dir / "checkpoints")
+        previous_handlers = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
-        for step in range(self.num_iterations + 1):
-            last_step = step == self.num_iterations
-            if last_step or step == 0 or is_due(step, c.eval_every):
-                val_bpb = self.evaluate()
-                self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-                self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb}, step=step)
-                print(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
-                final["val/bpb"] = val_bpb
-            if last_step or is_due(step, c.sample_every):
-                self.sample(step)
-            if last_step or is_due(step, c.save_every):
-                path = self.save(step)
-                print(f"saved checkpoint {path}")
-            if last_step:
-                break
-            metrics = self.train_step(step)
-            final.update(metrics)
-            if step % c.log_every == 0 or step == self.num_iterations - 1:
-                self.tracker.log(metrics, step=step)
-                print(self.progress_line(step, metrics), flush=True)
+        try:
+            for step in range(self.start_step, self.num_iterations + 1):
+                last_step = step == self.num_iterations
+                if last_step or step == 0 or is_due(step, c.eval_every):
+                    val_bpb = self.evaluate()
+                    self.min_val_bpb = min(self.min_val_bpb, val_bpb)
+                    self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb}, step=step)
+                    print(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
+                    final["val/bpb"] = val_bpb
+                if last_step or is_due(step, c.sample_every):
+                    self.sample(step)
+                if last_step:
+                    break
+                metrics = self.train_step(step)
+                final.update(metrics)
+                if step % c.log_every == 0 or step == self.num_iterations - 1:
+                    self.tracker.log(metrics, step=step)
+                    print(self.progress_line(step, metrics), flush=True)
+                done = step + 1
+                if done == self.num_iterations or is_due(done, c.save_every) or self.stop_signal is not None:
+                    print(f"saved checkpoint {self.save(done)}")
+                if self.stop_signal is not None:
+                    final["stopped_by"] = signal.Signals(self.stop_signal).name
+                    print(f"stopped after {done} of {self.num_iterations} steps; resume with:\n  {self.resume_hint}")
+                    break
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         final["wall_time"] = time.perf_counter() - wall_start
         final["min_val_bpb"] = self.min_val_bpb
         return final

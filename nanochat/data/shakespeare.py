@@ -122,12 +122,20 @@ def compression_bpb(streams: list[bytes]) -> dict[str, float]:
 class ShakespeareCorpus(ParquetCorpus):
     """Shakespeare split into train/val by whole works; see the module docstring."""
 
-    def __init__(self, data_dir: str | os.PathLike, val_bytes: int = 1_000_000, seed: int = 0):
+    def __init__(
+        self, data_dir: str | os.PathLike, val_bytes: int = 1_000_000, seed: int = 0, docs_per_shard: int = 1024
+    ):
         super().__init__(data_dir)
         if not isinstance(val_bytes, int) or val_bytes <= 0:
             raise UserError(f"data.val_bytes={val_bytes!r} must be a positive integer.")
+        if not isinstance(docs_per_shard, int) or docs_per_shard <= 0 or docs_per_shard % DOCS_PER_ROW_GROUP:
+            raise UserError(
+                f"data.docs_per_shard={docs_per_shard!r} must be a positive multiple of {DOCS_PER_ROW_GROUP} "
+                "(documents per row group)."
+            )
         self.val_bytes = val_bytes
         self.seed = seed
+        self.docs_per_shard = docs_per_shard
 
     @property
     def settings(self) -> dict:
@@ -138,6 +146,7 @@ class ShakespeareCorpus(ParquetCorpus):
             "seed": self.seed,
             "doc_chars": DOC_CHARS,
             "docs_per_row_group": DOCS_PER_ROW_GROUP,
+            "docs_per_shard": self.docs_per_shard,
         }
 
     @property
@@ -169,7 +178,7 @@ class ShakespeareCorpus(ParquetCorpus):
         self.manifest_path.unlink(missing_ok=True)
         splits = {"train": train_docs, "val": val_docs}
         shards = {
-            split: write_shards(docs, self.split_dir(split), DOCS_PER_ROW_GROUP, 1024 * DOCS_PER_ROW_GROUP)
+            split: write_shards(docs, self.split_dir(split), DOCS_PER_ROW_GROUP, self.docs_per_shard)
             for split, docs in splits.items()
         }
         nbytes = {split: sum(len(doc.encode("utf-8")) for doc in docs) for split, docs in splits.items()}

