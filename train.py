@@ -83,8 +83,10 @@ def build_and_fit(cfg: DictConfig) -> float:
         final = trainer.fit()
     finally:
         tracker.finish()
-    print(f"done in {final['wall_time']:.0f}s: val bpb {final.get('val/bpb', float('nan')):.4f}, run dir {run_dir}")
-    return final.get("val/bpb", float("nan"))
+    if "stopped_by" in final:
+        return float("nan")
+    print(f"done in {final['wall_time']:.0f}s: val bpb {final['val/bpb']:.4f}, run dir {run_dir}")
+    return final["val/bpb"]
 
 
 def discard_if_untouched(run_dir: Path) -> None:

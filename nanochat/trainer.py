@@ -258,8 +258,14 @@ class Trainer:
         )
 
     def _on_stop_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
         self.stop_signal = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint.", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once).",
+            flush=True,
+        )
 
     def fit(self) -> dict:
         """Train up to num_iterations updates; returns the final metrics (val/bpb among them).
