@@ -1,11 +1,17 @@
-"""Config helpers: the resolvers the YAML files use, and validation of a composed config.
+"""Config helpers: the resolvers the YAML files use, validation of a composed config, and the
+composition of conf/ for command-line tools other than train.py.
 
 Validation runs before anything heavy (downloads, tokenizer training, model allocation) and turns
 every user mistake into one sentence that names the key and its value. This is the only library
-module that knows about OmegaConf; components themselves take plain arguments.
+module that knows about Hydra; components themselves take plain arguments.
 """
 
+import sys
+from pathlib import Path
+
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from nanochat.distributed import world_size_from_env
@@ -146,3 +152,33 @@ def resolved_container(cfg: DictConfig) -> dict:
     """The fully resolved config as plain containers, for logging and checkpoints."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_cli(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml with command-line overrides, for tools that share train.py's keys (e.g.
+    `python -m nanochat.data.download data=fineweb_edu data.num_shards=8`). A bad override is a
+    UserError, not a traceback."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except HydraException as error:
+        raise UserError(str(error).replace("\n", " ")) from None
+
+
+def run_cli(main, argv: list[str] | None = None) -> None:
+    """Run main(cfg) on the composed config; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main(compose_cli(sys.argv[1:] if argv is None else argv))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def instantiate_node(node: DictConfig):
+    """hydra.utils.instantiate for library command-line tools, which do not import Hydra themselves."""
+    from hydra.utils import instantiate
+
+    return instantiate(node)

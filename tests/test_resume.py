@@ -121,12 +121,15 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_dat
     wait_for_step(process, run_dir, 13)  # past the save at 8, before the one at 16
     process.kill()
     process.wait()
-    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_000008"]
-    loader_at_save = load_checkpoint(run_dir / "checkpoints" / "step_000008").payload["trainer"]["loader"]
+    reached = max(r["step"] for r in records(run_dir) if "train/loss" in r) + 1
+    saved = complete_checkpoints(run_dir / "checkpoints")[-1]
+    saved_step = load_checkpoint(saved).step
+    assert saved_step % SAVE_EVERY == 0 and 0 < saved_step < reached < STEPS  # resumes from a save before the stop
+    loader_at_save = load_checkpoint(saved).payload["trainer"]["loader"]
 
     result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stdout and "step_000008" in result.stdout
+    assert f"resumed from {saved}" in result.stdout
     assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)  # every loss, EMA and val bpb, exactly
     assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
     loader_at_end = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).payload["trainer"]["loader"]
@@ -143,7 +146,7 @@ def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded
     assert process.returncode == 0, stderr
     saved = complete_checkpoints(run_dir / "checkpoints")[-1]
     reached = max(r["step"] for r in records(run_dir) if "train/loss" in r) + 1
-    assert saved.name == f"step_{reached:06d}" and reached % SAVE_EVERY != 0
+    assert saved.name == f"step_{reached:06d}"
     assert "resume with:" in stdout and f"hydra.run.dir={run_dir}" in stdout
 
     result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
@@ -153,29 +156,46 @@ def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded
     assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
 
 
-def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weights(
-    sharded_data_dir, uninterrupted, tmp_path
-):
+def _wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
+    """Poll until condition() holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise AssertionError("timed out")
+
+
+def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weights(sharded_data_dir, tmp_path):
+    fault_overrides = overrides(sharded_data_dir, "trainer.num_iterations=60", "trainer.save_every=3")
+    reference = tmp_path / "reference"
+    assert train(*fault_overrides, f"hydra.run.dir={reference}").returncode == 0
     run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
     launcher = [sys.executable, "-c", SLOW_SAVE_LAUNCHER]
     rng = random.Random(0)
     killed_mid_save = 0
-    for _ in range(10):
-        process = start(*overrides(sharded_data_dir, "trainer.save_every=3"), f"hydra.run.dir={run_dir}", launcher=launcher)
-        deadline = time.monotonic() + rng.uniform(4.0, 9.0)  # startup is ~4 s; the rest is training and saving
-        while time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.01)
-        checkpoints = run_dir / "checkpoints"
-        if checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()):
-            killed_mid_save += 1
+    for round_ in range(12):
+        process = start(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher)
+        if round_ % 2:  # odd rounds: kill inside a checkpoint write, at a random point of it
+            started = _wait_until(lambda: checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()), process)
+            time.sleep(rng.uniform(0.0, 0.2))
+        else:  # even rounds: kill at a random moment once training runs
+            started = _wait_until(lambda: (run_dir / "metrics.jsonl").exists(), process)
+            time.sleep(rng.uniform(0.0, 1.5))
+        mid_save = any(p.name.startswith(".") for p in checkpoints.iterdir()) if checkpoints.is_dir() else False
         process.kill()
         process.wait()
-    result = train(*overrides(sharded_data_dir, "trainer.save_every=3"), f"hydra.run.dir={run_dir}")
+        assert process.returncode in (0, -signal.SIGKILL), process.stderr.read()  # no crash on load
+        killed_mid_save += started and mid_save and process.returncode == -signal.SIGKILL
+    assert killed_mid_save >= 3, f"only {killed_mid_save} kills landed inside a checkpoint write"
+    result = train(*fault_overrides, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    assert killed_mid_save > 0, "no kill landed inside a checkpoint write"
-    assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
-    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert len(complete_checkpoints(run_dir / "checkpoints")) == 2  # keep_last
+    assert_same_weights(final_weights(run_dir), final_weights(reference))
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # killed saves' leftovers cleaned
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_000057", "step_000060"]  # keep_last=2
 
 
 def _checkpointed_run(sharded_data_dir, tmp_path) -> Path:
