@@ -7,9 +7,8 @@
 """
 
 import shlex
-import shutil
 import sys
-from pathlib import Path
+import traceback
 
 import hydra
 import torch
@@ -18,7 +17,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nanochat.checkpoint import check_model_matches, check_tokenizer_matches, load_newest_readable, resume_candidates
-from nanochat.config import resolved_container, validate
+from nanochat.config import (
+    discard_if_untouched,
+    hydra_run_dir,
+    is_sweep_job,
+    resolved_container,
+    sweep_group,
+    task_overrides,
+    validate,
+)
 from nanochat.data.loader import TokenLoader
 from nanochat.device import peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import require_single_process
@@ -30,7 +37,7 @@ from nanochat.trainer import Trainer, TrainerConfig
 def build_and_fit(cfg: DictConfig) -> float:
     validate(cfg)
     require_single_process()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = hydra_run_dir()
     resolved = resolved_container(cfg)
     config = TrainerConfig(**resolved["trainer"])
     checkpoint = load_newest_readable(resume_candidates(cfg.resume, run_dir))
@@ -63,13 +70,15 @@ def build_and_fit(cfg: DictConfig) -> float:
     # Continuing this run (not starting a new one from another run's checkpoint): same W&B run,
     # and the local logs cut back to where the checkpoint was taken.
     same_run = checkpoint is not None and run_dir.resolve() in checkpoint.path.resolve().parents
+    overrides = task_overrides()
     tracker = instantiate(cfg.logger, _partial_=True)(
         run_dir=run_dir,
         run_config=resolved,
         run_id=checkpoint.meta["wandb_run_id"] if same_run else None,
         log_offsets=checkpoint.meta["log_offsets"] if same_run else None,
+        overrides=overrides,
+        **sweep_group(cfg.logger),
     )
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
     trainer = Trainer(
         config, model, optimizers, train_loader, make_val_batches, tokenizer, tracker, run_dir, device, dtype, peak,
         checkpoint_meta={"config": resolved, "tokenizer": tokenizer_identity},
@@ -83,16 +92,10 @@ def build_and_fit(cfg: DictConfig) -> float:
         final = trainer.fit()
     finally:
         tracker.finish()
-    if "stopped_by" in final:
-        return float("nan")
+    if "stopped_by" in final:  # also ends a sweep: the user or the scheduler asked to stop
+        sys.exit(0)
     print(f"done in {final['wall_time']:.0f}s: val bpb {final['val/bpb']:.4f}, run dir {run_dir}")
     return final["val/bpb"]
-
-
-def discard_if_untouched(run_dir: Path) -> None:
-    """A rejected config leaves no run behind: drop the dir Hydra made if it holds only Hydra's files."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(run_dir)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -101,8 +104,16 @@ def main(cfg: DictConfig) -> float:
         return build_and_fit(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        discard_if_untouched(Path(HydraConfig.get().runtime.output_dir))
-        sys.exit(2)
+        discard_if_untouched(hydra_run_dir())
+        if not is_sweep_job():
+            sys.exit(2)
+    except Exception:
+        if not is_sweep_job():
+            raise
+        traceback.print_exc()
+    # Only a sweep job gets here: one failed job must not end the sweep.
+    print(f"sweep job {HydraConfig.get().job.num} failed ({hydra_run_dir()}); continuing", file=sys.stderr)
+    return float("nan")
 
 
 if __name__ == "__main__":

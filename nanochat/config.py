@@ -6,12 +6,15 @@ every user mistake into one sentence that names the key and its value. This is t
 module that knows about Hydra; components themselves take plain arguments.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nanochat.distributed import world_size_from_env
@@ -182,3 +185,32 @@ def instantiate_node(node: DictConfig):
     from hydra.utils import instantiate
 
     return instantiate(node)
+
+
+# What train.py asks of the running Hydra job.
+
+
+def hydra_run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def is_sweep_job() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def task_overrides() -> list[str]:
+    """The job's command-line overrides, minus resume= (a resumed run is the same run)."""
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+
+
+def sweep_group(logger: DictConfig) -> dict:
+    """Every job of a sweep joins one W&B group named after the sweep dir, unless logger.group is set."""
+    if not is_sweep_job() or logger.get("group"):
+        return {}
+    return {"group": Path(HydraConfig.get().sweep.dir).name}
+
+
+def discard_if_untouched(run_dir: Path) -> None:
+    """A rejected config leaves no run behind: drop the dir Hydra made if it holds only Hydra's files."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir)

@@ -32,8 +32,10 @@ class Tracker:
         tags: list[str] | tuple[str, ...] = (),
         run_id: str | None = None,
         log_offsets: dict[str, int] | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
     ):
-        """run_id and log_offsets come from a checkpoint when resuming (see offsets())."""
+        """run_id and log_offsets come from a checkpoint when resuming (see offsets()); overrides
+        are the job's command-line overrides, kept as W&B tags so the runs of a sweep tell apart."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if log_offsets is not None:
@@ -49,6 +51,9 @@ class Tracker:
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.wandb_run = None
         if backend == "wandb" and mode != "disabled":
+            # W&B caps a tag at 64 characters
+            tags = [*tags, *(o[:64] for o in overrides)]
+            run_config = {**run_config, "overrides": list(overrides)}
             self.wandb_run = self._start_wandb(run_config, mode, project, entity, name or self.run_dir.name, group, tags)
 
     def offsets(self) -> dict[str, int]:
@@ -70,6 +75,7 @@ class Tracker:
                 mode=mode,
                 id=self.run_id,
                 resume="allow",
+                job_type="train",
                 # The loop reports its own timings; W&B's samplers and stdout capture would only
                 # compete for CPU and mangle the progress line.
                 settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+from wandb_records import offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGED_EVERY_STEP = [
@@ -114,10 +115,35 @@ def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_d
     assert result.returncode == 0, result.stderr
     job_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in job_dirs] == ["0", "1"]
+    runs = []
     for job_dir, lr in zip(job_dirs, [1e-4, 3e-4]):
         assert OmegaConf.load(job_dir / ".hydra" / "config.yaml").optimizer.lr == lr
         assert len([r for r in read_metrics(job_dir) if "train/loss" in r]) == 3
-        assert len(list((job_dir / "wandb").glob("offline-run-*"))) == 1
+        run, history = offline_run(job_dir)  # parsed from the run's protobuf records
+        runs.append(run)
+        logged = {key for row in history for key in row}
+        assert {"train/loss", "train/loss_ema", "train/grad_norm", "train/mfu", "val/bpb"} <= logged
+        assert run.job_type == "train"
+    assert runs[0].run_id != runs[1].run_id
+    assert runs[0].run_group == runs[1].run_group == sweep_dir.name  # one W&B group per sweep
+    assert [[t for t in run.tags if t.startswith("optimizer.lr=")] for run in runs] == [["optimizer.lr=0.0001"], ["optimizer.lr=0.0003"]]
+
+
+def test_a_failing_sweep_job_is_reported_and_the_others_continue(shakespeare_data_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = train(
+        "-m",
+        "optimizer.lr=-1,3e-4",
+        *tiny_run_overrides(shakespeare_data_dir),
+        "trainer.num_iterations=2",
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "error: optimizer.lr=-1 must be a positive learning rate." in result.stderr
+    assert "sweep job 0 failed" in result.stderr
+    assert len([r for r in read_metrics(sweep_dir / "1") if "train/loss" in r]) == 2
 
 
 def test_bad_config_exits_with_one_sentence_and_leaves_no_run_dir(tmp_path):
