@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from nanochat.checkpoint import check_model_matches, check_tokenizer_matches, load_newest_readable, resume_candidates
 from nanochat.config import (
+    as_user_error,
     discard_if_untouched,
     hydra_run_dir,
     is_sweep_job,
@@ -29,8 +30,8 @@ from nanochat.config import (
 from nanochat.data.loader import TokenLoader
 from nanochat.device import peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import require_single_process
-from nanochat.errors import UserError
 from nanochat.model import GPT
+from nanochat.tokenizer import check_vocab_matches
 from nanochat.trainer import Trainer, TrainerConfig
 
 
@@ -52,6 +53,7 @@ def build_and_fit(cfg: DictConfig) -> float:
     for name, bpb in corpus.compression_baselines().items():
         print(f"reference on this validation text: {name} {bpb:.3f} bits per byte")
     tokenizer = instantiate(cfg.tokenizer, corpus=corpus)
+    check_vocab_matches(tokenizer, cfg.model.vocab_size)
     tokenizer_identity = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
     if checkpoint is not None:
         check_tokenizer_matches(checkpoint, tokenizer_identity)
@@ -102,15 +104,17 @@ def build_and_fit(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     try:
         return build_and_fit(cfg)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        discard_if_untouched(hydra_run_dir())
-        if not is_sweep_job():
-            sys.exit(2)
-    except Exception:
-        if not is_sweep_job():
+    except Exception as error:
+        user_error = as_user_error(error)
+        if user_error is not None:
+            print(f"error: {user_error}", file=sys.stderr)
+            discard_if_untouched(hydra_run_dir())
+            if not is_sweep_job():
+                sys.exit(2)
+        elif not is_sweep_job():
             raise
-        traceback.print_exc()
+        else:
+            traceback.print_exc()
     # Only a sweep job gets here: one failed job must not end the sweep.
     print(f"sweep job {HydraConfig.get().job.num} failed ({hydra_run_dir()}); continuing", file=sys.stderr)
     return float("nan")

@@ -210,6 +210,16 @@ def sweep_group(logger: DictConfig) -> dict:
     return {"group": Path(HydraConfig.get().sweep.dir).name}
 
 
+def as_user_error(error: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any: Hydra wraps what a component raises inside
+    instantiate() in its own InstantiationException."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def discard_if_untouched(run_dir: Path) -> None:
     """A rejected config leaves no run behind: drop the dir Hydra made if it holds only Hydra's files."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:

@@ -9,12 +9,18 @@
   does not produce the BOS id. Special ids only come from encode_special / prepend_bos.
 - On disk the tokenizer is plain JSON (split pattern, base64 token bytes -> rank, special tokens),
   never a pickle, so a tokenizer file from anywhere is safe to open.
+
+Training normally happens on a run's first start (load_or_train). To retrain ahead of time, e.g.
+nanochat's 65,536-token tokenizer on 2B characters, with the keys train.py uses:
+
+    python -m nanochat.tokenizer data=fineweb_edu tokenizer.vocab_size=65536 tokenizer.max_chars=2000000000
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -190,6 +196,35 @@ def _capped(documents: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[
         yield doc
 
 
+def tokenizer_path(directory: str | os.PathLike, vocab_size: int) -> Path:
+    """Where a tokenizer of this size for this corpus lives: training finds it there."""
+    return Path(directory) / f"tokenizer_{vocab_size}.json"
+
+
+def train_and_save(
+    directory: str | os.PathLike,
+    vocab_size: int,
+    corpus,
+    max_chars: int = 2_000_000_000,
+    doc_cap: int = 10_000,
+) -> Tokenizer:
+    """Trains on the corpus's train split and writes tokenizer_path(), replacing any file there.
+
+    corpus must be prepared (any object with iter_documents("train")). Capping documents keeps a
+    few huge documents from dominating the pair statistics.
+    """
+    _check_vocab_size(vocab_size)
+    for key, value in (("max_chars", max_chars), ("doc_cap", doc_cap)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"tokenizer.{key}={value!r} must be a positive integer.")
+    path = tokenizer_path(directory, vocab_size)
+    t0 = time.perf_counter()
+    tokenizer = Tokenizer.train(_capped(corpus.iter_documents("train"), max_chars, doc_cap), vocab_size)
+    tokenizer.save(path)
+    print(f"trained tokenizer in {time.perf_counter() - t0:.1f}s: vocab_size={vocab_size} -> {path}")
+    return tokenizer
+
+
 def load_or_train(
     directory: str | os.PathLike,
     vocab_size: int,
@@ -197,13 +232,9 @@ def load_or_train(
     max_chars: int = 2_000_000_000,
     doc_cap: int = 10_000,
 ) -> Tokenizer:
-    """Loads <directory>/tokenizer_<vocab_size>.json, or trains it on the corpus's train split.
-
-    corpus must be prepared (any object with iter_documents("train")). Capping documents keeps a
-    few huge documents from dominating the pair statistics.
-    """
+    """Loads tokenizer_path(directory, vocab_size), or trains and saves it (see train_and_save)."""
     _check_vocab_size(vocab_size)
-    path = Path(directory) / f"tokenizer_{vocab_size}.json"
+    path = tokenizer_path(directory, vocab_size)
     if path.exists():
         tokenizer = Tokenizer.load(path)
         if tokenizer.vocab_size != vocab_size:
@@ -211,8 +242,51 @@ def load_or_train(
                 f"Tokenizer file {path} has vocab_size {tokenizer.vocab_size}, not {vocab_size}; delete it to retrain."
             )
         return tokenizer
-    t0 = time.perf_counter()
-    tokenizer = Tokenizer.train(_capped(corpus.iter_documents("train"), max_chars, doc_cap), vocab_size)
-    tokenizer.save(path)
-    print(f"trained tokenizer in {time.perf_counter() - t0:.1f}s: vocab_size={vocab_size} -> {path}")
-    return tokenizer
+    return train_and_save(directory, vocab_size, corpus, max_chars, doc_cap)
+
+
+def check_vocab_matches(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Refuse a model whose embedding rows do not correspond one to one with the tokenizer's ids."""
+    if model_vocab_size != tokenizer.vocab_size:
+        raise UserError(
+            f"model.vocab_size={model_vocab_size} differs from tokenizer.vocab_size={tokenizer.vocab_size}; "
+            "leave model.vocab_size at its default, which follows the tokenizer."
+        )
+
+
+def compression(tokenizer: Tokenizer, documents: Iterable[str], batch_size: int = 1024) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) of the documents, encoded as ordinary text without BOS or specials."""
+    nbytes = ntokens = 0
+    iterator = iter(documents)
+    while batch := list(itertools.islice(iterator, batch_size)):
+        nbytes += sum(len(text.encode("utf-8")) for text in batch)
+        ntokens += sum(map(len, tokenizer.encode_batch(batch)))
+    return nbytes, ntokens
+
+
+# Validation text the command line measures compression on: enough for three significant digits,
+# a few seconds of encoding even when the validation split is a whole 250M-character shard.
+EVAL_CHARS = 10_000_000
+
+
+def main(cfg) -> None:
+    """python -m nanochat.tokenizer [overrides]: retrain the tokenizer that `python train.py` with
+    the same overrides would use, overwrite its file, and print its compression on validation text."""
+    from nanochat.config import instantiate_node, validate  # the command line composes Hydra configs; the library does not
+
+    validate(cfg)
+    corpus = instantiate_node(cfg.data)
+    corpus.prepare()
+    settings = cfg.tokenizer
+    tokenizer = train_and_save(settings.directory, settings.vocab_size, corpus, settings.max_chars, settings.doc_cap)
+    nbytes, ntokens = compression(tokenizer, _capped(corpus.iter_documents("val"), EVAL_CHARS, EVAL_CHARS))
+    print(
+        f"compression on the validation split: {nbytes / ntokens:.3f} bytes per token "
+        f"({nbytes:,} bytes, {ntokens:,} tokens)"
+    )
+
+
+if __name__ == "__main__":
+    from nanochat.config import run_cli
+
+    run_cli(main)

@@ -8,6 +8,8 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -119,6 +121,17 @@ def test_world_size_enters_the_batch_arithmetic(monkeypatch):
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 
 
+def first_value(key: str, values) -> str:
+    """`key=<first value>` of a sweep param, read with Hydra's override grammar: a list, choice() or
+    range() gives its first element, an Optuna interval() its lower bound."""
+    override = OverridesParser.create().parse_override(f"{key}={values}")
+    if not override.is_sweep_override():
+        return f"{key}={override.get_value_element_as_str()}"
+    if isinstance(override.value(), IntervalSweep):
+        return f"{key}={override.value().start}"
+    return f"{key}={next(override.sweep_string_iterator())}"
+
+
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
 def test_every_sweep_file_composes_with_its_first_values(sweep, tmp_path):
     def show(part: str, *overrides: str) -> dict:
@@ -129,6 +142,6 @@ def test_every_sweep_file_composes_with_its_first_values(sweep, tmp_path):
 
     params = show("hydra")["hydra"]["sweeper"]["params"]
     assert params, f"{sweep} sweeps nothing"
-    first_values = [f"{key}={str(values).split(',')[0]}" for key, values in params.items()]
+    first_values = [first_value(key, values) for key, values in params.items()]
     job = show("job", *first_values)
     validate(OmegaConf.create(job))

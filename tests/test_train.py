@@ -157,6 +157,14 @@ def test_bad_config_exits_with_one_sentence_and_leaves_no_run_dir(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_component_refusing_its_arguments_gives_its_sentence_not_hydras_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train("data.val_bytes=-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # raised inside instantiate()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: data.val_bytes=-5 must be a positive integer."]
+    assert not run_dir.exists()
+
+
 def test_misspelt_key_is_named_without_a_traceback(tmp_path):
     result = train("trainer.lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0

@@ -93,6 +93,23 @@ def write_shards(
     return shards
 
 
+def text_parquet_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot serve as a text shard ("is not a readable parquet file (...)"), or None.
+
+    Reads only the footer, so checking a directory of multi-GB shards is quick.
+    """
+    try:
+        with pq.ParquetFile(path) as parquet:
+            schema = parquet.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        return f"is not a readable parquet file ({str(e).strip()})".replace("\n", " ")
+    index = schema.get_field_index("text")
+    text_type = schema.field(index).type if index >= 0 else None
+    if text_type is None or not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        return f"has no string column `text` (its columns: {', '.join(schema.names) or 'none'})"
+    return None
+
+
 class ParquetCorpus(abc.ABC):
     """A corpus stored as <data_dir>/{train,val}/shard_*.parquet; subclasses know how to make it."""
 
@@ -115,6 +132,13 @@ class ParquetCorpus(abc.ABC):
         if not found:
             raise UserError(f"No {SHARD_GLOB} files in {directory}; prepare the corpus first.")
         return found
+
+    def compression_baselines(self) -> dict[str, float]:
+        """Bits per byte of general-purpose compressors on the validation text, where known.
+
+        Reference points printed next to a model's val bpb; most corpora have none precomputed.
+        """
+        return {}
 
     def iter_documents(self, split: str) -> Iterator[str]:
         """Every document of the split in file order, read one row group at a time."""
