@@ -1,9 +1,9 @@
 """Pretrain a nanochat GPT: compose the Hydra config, validate it, build every component, train.
 
-    python train.py                                   # tiny model on Shakespeare, CPU, minutes
-    python train.py model=d12 optimizer=adamw_muon    # nanochat's d12 and optimizer recipe
-    python train.py -m optimizer.lr=1e-4,3e-4         # a sweep: one run dir and W&B run per job
-    python train.py hydra.run.dir=<run dir>           # resume that run from its newest checkpoint
+python train.py                                   # tiny model on Shakespeare, CPU, minutes
+python train.py model=d12 optimizer=adamw_muon    # nanochat's d12 and optimizer recipe
+python train.py -m optimizer.lr=1e-4,3e-4         # a sweep: one run dir and W&B run per job
+python train.py hydra.run.dir=<run dir>           # resume that run from its newest checkpoint
 """
 
 import shlex
@@ -82,7 +82,17 @@ def build_and_fit(cfg: DictConfig) -> float:
         **sweep_group(cfg.logger),
     )
     trainer = Trainer(
-        config, model, optimizers, train_loader, make_val_batches, tokenizer, tracker, run_dir, device, dtype, peak,
+        config,
+        model,
+        optimizers,
+        train_loader,
+        make_val_batches,
+        tokenizer,
+        tracker,
+        run_dir,
+        device,
+        dtype,
+        peak,
         checkpoint_meta={"config": resolved, "tokenizer": tokenizer_identity},
         resume_hint=shlex.join(["python", "train.py", f"hydra.run.dir={run_dir}", *overrides]),
     )

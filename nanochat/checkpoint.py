@@ -104,9 +104,7 @@ def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
 def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
     path = Path(path)
     meta = json.loads((path / META).read_text())
-    payload = {
-        p.stem: torch.load(p, map_location=map_location, weights_only=True) for p in sorted(path.glob("*.pt"))
-    }
+    payload = {p.stem: torch.load(p, map_location=map_location, weights_only=True) for p in sorted(path.glob("*.pt"))}
     return Checkpoint(path, payload, meta)
 
 

@@ -156,7 +156,6 @@ def resolved_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 

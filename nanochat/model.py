@@ -117,10 +117,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Derived from the config, so not saved in checkpoints; init_weights recomputes them after
         # to_empty() because a meta-device model has no values to copy.
@@ -179,7 +181,9 @@ class GPT(nn.Module):
         logits = self.lm_head(hidden).float()
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"
+    ) -> torch.Tensor:
         """idx: int64 [B, T]. Returns fp32 logits [B, T, vocab_size] without targets; with targets
         (int64 [B, T], -1 = ignore) the cross-entropy in nats: a scalar for "mean", [B, T] for
         "none" (ignored positions are 0 there)."""
@@ -190,8 +194,14 @@ class GPT(nn.Module):
         return loss.view_as(targets) if loss_reduction == "none" else loss
 
     @torch.no_grad()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None) -> list[int]:
+    def generate(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
         """Sample `max_tokens` continuation tokens of the prompt `tokens` and return only those.
 
         No KV cache: every step re-reads the last `sequence_len` tokens. temperature 0 is greedy.
@@ -207,7 +217,7 @@ class GPT(nn.Module):
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         generated: list[int] = []
         for _ in range(max_tokens):
-            context = ids[:, -self.config.sequence_len:]
+            context = ids[:, -self.config.sequence_len :]
             logits = self._logits(self._hidden_states(context)[:, -1])  # [1, vocab_size]
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

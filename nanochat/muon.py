@@ -50,8 +50,14 @@ class Muon(torch.optim.Optimizer):
     State per parameter: "momentum_buffer", the EMA of gradients (same dtype as the gradient).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 0.02,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+    ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(params, defaults)
         for group in self.param_groups:

@@ -22,8 +22,13 @@ from nanochat.muon import Muon
 REFERENCE_WIDTH = 768  # n_embd at which nanochat's AdamW learning rates were tuned
 
 
-def adamw(model: nn.Module, lr: float = 3e-3, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
-          weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
+def adamw(
+    model: nn.Module,
+    lr: float = 3e-3,
+    betas: Sequence[float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> list[torch.optim.Optimizer]:
     embedding = model.transformer.wte.weight
     decay, no_decay = [], []
     for p in model.parameters():
@@ -36,10 +41,19 @@ def adamw(model: nn.Module, lr: float = 3e-3, betas: Sequence[float] = (0.9, 0.9
     return _finalise(model, optimizers)
 
 
-def adamw_muon(model: nn.Module, embedding_lr: float = 0.2, unembedding_lr: float = 0.004,
-               matrix_lr: float = 0.02, weight_decay: float = 0.0, adam_betas: Sequence[float] = (0.8, 0.95),
-               adam_eps: float = 1e-10, momentum: float = 0.95, momentum_start: float = 0.85,
-               momentum_warmup_steps: int = 300, ns_steps: int = 5) -> list[torch.optim.Optimizer]:
+def adamw_muon(
+    model: nn.Module,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    matrix_lr: float = 0.02,
+    weight_decay: float = 0.0,
+    adam_betas: Sequence[float] = (0.8, 0.95),
+    adam_eps: float = 1e-10,
+    momentum: float = 0.95,
+    momentum_start: float = 0.85,
+    momentum_warmup_steps: int = 300,
+    ns_steps: int = 5,
+) -> list[torch.optim.Optimizer]:
     width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     adam_groups = [
         dict(params=list(model.lm_head.parameters()), lr=unembedding_lr * width_scale, name="unembedding"),
@@ -50,9 +64,13 @@ def adamw_muon(model: nn.Module, embedding_lr: float = 0.2, unembedding_lr: floa
     # the coverage check below reports it rather than leaving it silently untrained.
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     muon_group = dict(
-        params=matrices, lr=matrix_lr, name="matrix",
+        params=matrices,
+        lr=matrix_lr,
+        name="matrix",
         momentum=muon_momentum(0, momentum_start, momentum, momentum_warmup_steps),
-        momentum_start=momentum_start, momentum_end=momentum, momentum_warmup_steps=momentum_warmup_steps,
+        momentum_start=momentum_start,
+        momentum_end=momentum,
+        momentum_warmup_steps=momentum_warmup_steps,
     )
     muon = Muon([muon_group], ns_steps=ns_steps)
     return _finalise(model, [adam, muon])
@@ -96,8 +114,9 @@ def check_groups_cover_model(model: nn.Module, optimizers: Sequence[torch.optim.
         raise ValueError("Optimizer param groups must hold every model parameter exactly once; " + "; ".join(problems))
 
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
+def lr_multiplier(
+    step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float
+) -> float:
     """nanochat's trapezoid: linear warmup, constant, linear warmdown to `final_lr_frac`.
 
     With N = num_iterations, warmup W = round(warmup_ratio * N), warmdown D = round(warmdown_ratio * N):
@@ -130,4 +149,5 @@ def apply_schedule(optimizers: Sequence[torch.optim.Optimizer], step: int, lr_mu
             group["lr"] = group["initial_lr"] * lr_mult
             if "momentum_warmup_steps" in group:
                 group["momentum"] = muon_momentum(
-                    step, group["momentum_start"], group["momentum_end"], group["momentum_warmup_steps"])
+                    step, group["momentum_start"], group["momentum_end"], group["momentum_warmup_steps"]
+                )

@@ -398,5 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{runs_counted} ({complete} complete): " + ", ".join(str(p) for p in written))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -272,7 +272,10 @@ EVAL_CHARS = 10_000_000
 def main(cfg) -> None:
     """python -m nanochat.tokenizer [overrides]: retrain the tokenizer that `python train.py` with
     the same overrides would use, overwrite its file, and print its compression on validation text."""
-    from nanochat.config import instantiate_node, validate  # the command line composes Hydra configs; the library does not
+    from nanochat.config import (
+        instantiate_node,
+        validate,
+    )  # the command line composes Hydra configs; the library does not
 
     validate(cfg)
     corpus = instantiate_node(cfg.data)

@@ -54,7 +54,9 @@ class Tracker:
             # W&B caps a tag at 64 characters
             tags = [*tags, *(o[:64] for o in overrides)]
             run_config = {**run_config, "overrides": list(overrides)}
-            self.wandb_run = self._start_wandb(run_config, mode, project, entity, name or self.run_dir.name, group, tags)
+            self.wandb_run = self._start_wandb(
+                run_config, mode, project, entity, name or self.run_dir.name, group, tags
+            )
 
     def offsets(self) -> dict[str, int]:
         """Byte length of each local log now; a checkpoint stores them for resume."""

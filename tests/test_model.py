@@ -53,9 +53,11 @@ def naive_reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
 
     def rotate(x):  # [B, T, heads, head_dim]
-        angles = torch.outer(torch.arange(T, dtype=torch.float64),
-                             10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        pairs = torch.complex(x[..., : head_dim // 2].double(), x[..., head_dim // 2:].double())
+        angles = torch.outer(
+            torch.arange(T, dtype=torch.float64),
+            10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim),
+        )
+        pairs = torch.complex(x[..., : head_dim // 2].double(), x[..., head_dim // 2 :].double())
         turned = pairs * torch.polar(torch.ones_like(angles), -angles)[None, :, None, :]
         return torch.cat((turned.real, turned.imag), dim=-1).float()
 
@@ -104,8 +106,8 @@ def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 8, generator=generator), torch.randn(1, 1, 1, 8, generator=generator)
 
     def score(q_position: int, k_position: int) -> torch.Tensor:
-        q_rotated = apply_rotary(q, cos[:, q_position:q_position + 1], sin[:, q_position:q_position + 1])
-        k_rotated = apply_rotary(k, cos[:, k_position:k_position + 1], sin[:, k_position:k_position + 1])
+        q_rotated = apply_rotary(q, cos[:, q_position : q_position + 1], sin[:, q_position : q_position + 1])
+        k_rotated = apply_rotary(k, cos[:, k_position : k_position + 1], sin[:, k_position : k_position + 1])
         return (q_rotated * k_rotated).sum()
 
     torch.testing.assert_close(score(5, 2), score(40, 37))
@@ -163,7 +165,9 @@ def test_meta_construction_then_to_empty_and_init_weights_gives_a_working_model(
     torch.testing.assert_close(model.cos, reference.cos)
     torch.testing.assert_close(model.sin, reference.sin)
     assert torch.all(model.lm_head.weight == 0)
-    assert all(torch.all(b.attn.c_proj.weight == 0) and torch.all(b.mlp.c_proj.weight == 0) for b in model.transformer.h)
+    assert all(
+        torch.all(b.attn.c_proj.weight == 0) and torch.all(b.mlp.c_proj.weight == 0) for b in model.transformer.h
+    )
     assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, abs=0.05)
     c_fc = model.transformer.h[0].mlp.c_fc.weight  # fan_in 32, fan_out 128: std 1/sqrt(32)
     assert c_fc.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.05)

@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
+# A 2-layer model for 60 steps with evaluations at 0, 30 and 60: seconds on a CPU.
+TINY_RUN = [
+    "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64",
+    "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
+    "trainer.eval_every=30", "trainer.eval_tokens=2048", "trainer.sample_tokens=8", "logger=none",
+]  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def txt_folder(tmp_path_factory) -> Path:
@@ -38,10 +45,7 @@ def test_training_on_a_folder_of_txt_files_lowers_the_loss(txt_folder, tmp_path)
     command = [
         sys.executable, str(REPO / "train.py"),
         "data=local", f"data.path={txt_folder}", f"data.data_dir={data_dir}",
-        "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64",
-        "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
-        "trainer.eval_every=30", "trainer.eval_tokens=2048", "trainer.sample_tokens=8",
-        "logger=none", f"hydra.run.dir={run_dir}",
+        *TINY_RUN, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -84,14 +88,14 @@ def test_training_on_shards_downloaded_at_start_lowers_the_loss(shard_server, tm
         sys.executable, str(REPO / "train.py"),
         "data=fineweb_edu", f"data.base_url={shard_server}", f"data.data_dir={data_dir}", "data.download=true",
         "data.num_shards=2", "data.total_shards=3", "data.val_shard=2",
-        "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64",
-        "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
-        "trainer.eval_every=30", "trainer.eval_tokens=2048", "trainer.sample_tokens=8",
-        "logger=none", f"hydra.run.dir={run_dir}",
+        *TINY_RUN, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (data_dir / "train").glob("shard_*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert sorted(p.name for p in (data_dir / "train").glob("shard_*.parquet")) == [
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+    ]
     assert [p.name for p in (data_dir / "val").glob("shard_*.parquet")] == ["shard_00002.parquet"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]

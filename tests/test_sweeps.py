@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
-from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from nanochat.config import resolved_container, validate
 from nanochat.model import GPT
 from nanochat.trainer import TrainerConfig, resolve_num_iterations

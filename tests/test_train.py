@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+from omegaconf import OmegaConf
 from wandb_records import offline_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +125,10 @@ def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_d
         assert run.job_type == "train"
     assert runs[0].run_id != runs[1].run_id
     assert runs[0].run_group == runs[1].run_group == sweep_dir.name  # one W&B group per sweep
-    assert [[t for t in run.tags if t.startswith("optimizer.lr=")] for run in runs] == [["optimizer.lr=0.0001"], ["optimizer.lr=0.0003"]]
+    assert [[t for t in run.tags if t.startswith("optimizer.lr=")] for run in runs] == [
+        ["optimizer.lr=0.0001"],
+        ["optimizer.lr=0.0003"],
+    ]
 
 
 def test_a_failing_sweep_job_is_reported_and_the_others_continue(shakespeare_data_dir, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import itertools
+import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -146,3 +147,13 @@ class ParquetCorpus(abc.ABC):
             with pq.ParquetFile(path) as parquet:
                 for index in range(parquet.num_row_groups):
                     yield from parquet.read_row_group(index, columns=["text"]).column("text").to_pylist()
+
+
+def read_manifest(path: Path, format_version: int) -> dict | None:
+    """A corpus's JSON manifest, or None when it is missing, unreadable or of another format
+    (any of which means: prepare the shards again)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == format_version else None

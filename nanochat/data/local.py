@@ -28,7 +28,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, atomic_path, text_parquet_problem, write_shards
+from nanochat.data.corpus import (
+    SHARD_GLOB,
+    SPLITS,
+    ParquetCorpus,
+    atomic_path,
+    read_manifest,
+    text_parquet_problem,
+    write_shards,
+)
 from nanochat.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -120,11 +128,7 @@ class LocalCorpus(ParquetCorpus):
         return sources, skipped + skipped_train
 
     def _read_manifest(self) -> dict | None:
-        try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return manifest if isinstance(manifest, dict) and manifest.get("format") == _MANIFEST_FORMAT else None
+        return read_manifest(self.manifest_path, _MANIFEST_FORMAT)
 
     def _matches(self, manifest: dict, stats: dict) -> bool:
         """True when the manifest's settings and sources are these and exactly its shards exist."""

@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, atomic_path, write_shards
+from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, atomic_path, read_manifest, write_shards
 from nanochat.errors import UserError
 
 VERSION = "0.6"
@@ -208,11 +208,7 @@ class ShakespeareCorpus(ParquetCorpus):
         return dict(manifest["compression_bpb"])
 
     def _read_manifest(self) -> dict | None:
-        try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return manifest if isinstance(manifest, dict) and manifest.get("format") == _MANIFEST_FORMAT else None
+        return read_manifest(self.manifest_path, _MANIFEST_FORMAT)
 
     def _is_prepared(self) -> bool:
         """True when split.json matches these settings and exactly its shards are on disk."""

@@ -27,7 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     width = 64 * args.depth
     heads = -(-width // 128)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=65536, n_layer=args.depth, n_head=heads, n_kv_head=heads, n_embd=width))
+    model = GPT(
+        GPTConfig(sequence_len=64, vocab_size=65536, n_layer=args.depth, n_head=heads, n_kv_head=heads, n_embd=width)
+    )
     optimizers = adamw_muon(model)
     model(torch.randint(0, 65536, (1, 64)), torch.randint(0, 65536, (1, 64))).backward()
     for optimizer in optimizers:
