@@ -167,7 +167,9 @@ def test_a_component_refusing_its_arguments_gives_its_sentence_not_hydras_traceb
     assert not run_dir.exists()
 
 
-def test_misspelt_key_is_named_without_a_traceback(tmp_path):
-    result = train("trainer.lrr=0.1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+@pytest.mark.parametrize("args", [["trainer.lrr=0.1"], ["-m", "trainer.lrr=0.1,0.2"]], ids=["run", "sweep"])
+def test_misspelt_key_is_named_without_a_traceback(args, tmp_path):
+    result = train(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
-    assert "lrr" in result.stderr and "Traceback" not in result.stderr
+    assert "Could not override 'trainer.lrr'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
