@@ -101,10 +101,29 @@ def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.iterdir() if is_complete(p))
 
 
+class UnreadableCheckpointFile(Exception):
+    """A file of a committed checkpoint that does not load (truncated, corrupted, not ours)."""
+
+    def __init__(self, path: Path, cause: Exception):
+        super().__init__(f"{path} ({type(cause).__name__})")
+        self.path = path
+        self.cause = cause
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
     path = Path(path)
-    meta = json.loads((path / META).read_text())
-    payload = {p.stem: torch.load(p, map_location=map_location, weights_only=True) for p in sorted(path.glob("*.pt"))}
+
+    def read(file: Path, load):
+        try:
+            return load(file)
+        except Exception as error:  # whatever a damaged file raises, name the file
+            raise UnreadableCheckpointFile(file, error) from error
+
+    meta = read(path / META, lambda file: json.loads(file.read_text()))
+    payload = {
+        file.stem: read(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
+        for file in sorted(path.glob("*.pt"))
+    }
     return Checkpoint(path, payload, meta)
 
 
@@ -138,24 +157,13 @@ def load_newest_readable(candidates: list[Path], map_location="cpu") -> Checkpoi
     for path in candidates:
         try:
             return load_checkpoint(path, map_location)
-        except Exception as error:  # a truncated or corrupted file, whatever the exception type
-            bad = _first_unreadable_file(path)
-            warnings.warn(f"checkpoint file {bad} is unreadable ({type(error).__name__}); trying an older checkpoint.")
+        except UnreadableCheckpointFile as error:
+            warnings.warn(
+                f"checkpoint file {error.path} is unreadable ({type(error.cause).__name__}); trying an older checkpoint."
+            )
     if candidates:
         raise UserError(f"no checkpoint under {candidates[0].parent} could be read; see the warnings above.")
     return None
-
-
-def _first_unreadable_file(path: Path) -> Path:
-    for file in sorted(path.glob("*.pt")) + [path / META]:
-        try:
-            if file.suffix == ".pt":
-                torch.load(file, map_location="cpu", weights_only=True)
-            else:
-                json.loads(file.read_text())
-        except Exception:
-            return file
-    return path
 
 
 def check_model_matches(checkpoint: Checkpoint, model_config: dict) -> None:
