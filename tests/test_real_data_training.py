@@ -2,9 +2,6 @@
 FineWeb-style shards downloaded from a loopback server when training starts (`data.download=true`)."""
 
 import functools
-import json
-import subprocess
-import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import fake_editions
+from runs import read_metrics, run_train
 
 from nanochat.data.shakespeare import split_documents
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +38,16 @@ def txt_folder(tmp_path_factory) -> Path:
 
 def test_training_on_a_folder_of_txt_files_lowers_the_loss(txt_folder, tmp_path):
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
-    command = [
-        sys.executable, str(REPO / "train.py"),
+    args = [
         "data=local", f"data.path={txt_folder}", f"data.data_dir={data_dir}",
         *TINY_RUN, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "local: converted" in result.stdout
     assert (data_dir / "tokenizer" / "tokenizer_512.json").exists()
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     bpbs = [r["val/bpb"] for r in records if "val/bpb" in r]
     assert len(losses) == 60 and len(bpbs) == 3
@@ -84,20 +79,19 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 def test_training_on_shards_downloaded_at_start_lowers_the_loss(shard_server, tmp_path):
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
-    command = [
-        sys.executable, str(REPO / "train.py"),
+    args = [
         "data=fineweb_edu", f"data.base_url={shard_server}", f"data.data_dir={data_dir}", "data.download=true",
         "data.num_shards=2", "data.total_shards=3", "data.val_shard=2",
         *TINY_RUN, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (data_dir / "train").glob("shard_*.parquet")) == [
         "shard_00000.parquet",
         "shard_00001.parquet",
     ]
     assert [p.name for p in (data_dir / "val").glob("shard_*.parquet")] == ["shard_00002.parquet"]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     bpbs = [r["val/bpb"] for r in records if "val/bpb" in r]
     assert losses[-1] < losses[0] - 1.0

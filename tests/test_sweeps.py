@@ -3,7 +3,6 @@
 Anything that trains runs a tiny model for 3 steps on the conftest's synthetic corpus (no network).
 """
 
-import json
 import math
 import os
 import random
@@ -18,13 +17,13 @@ from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from runs import REPO, read_metrics, run_train
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
 from nanochat.config import resolved_container, validate
 from nanochat.model import GPT
 from nanochat.trainer import TrainerConfig, resolve_num_iterations
 
-REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SWEEPS_DIR = REPO / "sweeps"
 # W&B sweep definitions are not Hydra configs: they live one folder down, out of `-cd sweeps`'s way.
@@ -51,14 +50,7 @@ def tiny_run_overrides(data_dir: Path) -> list[str]:
 
 
 def train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_train(*args, cwd=cwd, env=env, timeout=300)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -66,8 +58,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def final_val_bpb(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["val/bpb"] for r in records if "val/bpb" in r][-1]
+    return [r["val/bpb"] for r in read_metrics(run_dir) if "val/bpb" in r][-1]
 
 
 @pytest.mark.slow

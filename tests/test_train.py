@@ -1,16 +1,14 @@
 """End to end through `python train.py`, on the synthetic Shakespeare corpus (no network)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from omegaconf import OmegaConf
+from runs import read_metrics, run_train
 from wandb_records import offline_run
 
-REPO = Path(__file__).resolve().parents[1]
 LOGGED_EVERY_STEP = [
     "train/loss",
     "train/loss_ema",
@@ -43,19 +41,9 @@ def tiny_run_overrides(data_dir: Path) -> list[str]:
     ]
 
 
-def train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_run_lowers_the_loss_and_writes_its_run_dir(shakespeare_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result = train(
+    result = run_train(
         *tiny_run_overrides(shakespeare_data_dir),
         "trainer.num_iterations=60",
         "trainer.eval_every=30",
@@ -80,7 +68,7 @@ def test_tiny_run_lowers_the_loss_and_writes_its_run_dir(shakespeare_data_dir, t
 
 def test_d12_with_muon_runs_and_logs_every_metric(shakespeare_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result = train(
+    result = run_train(
         "model=d12",
         "optimizer=adamw_muon",
         "trainer.num_iterations=2",
@@ -103,7 +91,7 @@ def test_d12_with_muon_runs_and_logs_every_metric(shakespeare_data_dir, tmp_path
 
 def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = train(
+    result = run_train(
         "-m",
         "optimizer.lr=1e-4,3e-4",
         *tiny_run_overrides(shakespeare_data_dir),
@@ -133,7 +121,7 @@ def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_d
 
 def test_a_failing_sweep_job_is_reported_and_the_others_continue(shakespeare_data_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = train(
+    result = run_train(
         "-m",
         "optimizer.lr=-1,3e-4",
         *tiny_run_overrides(shakespeare_data_dir),
@@ -150,7 +138,7 @@ def test_a_failing_sweep_job_is_reported_and_the_others_continue(shakespeare_dat
 
 def test_bad_config_exits_with_one_sentence_and_leaves_no_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    result = train("trainer.total_batch_size=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_train("trainer.total_batch_size=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: trainer.total_batch_size=1000 is not divisible by device_batch_size x sequence_len x "
@@ -161,7 +149,7 @@ def test_bad_config_exits_with_one_sentence_and_leaves_no_run_dir(tmp_path):
 
 def test_a_component_refusing_its_arguments_gives_its_sentence_not_hydras_traceback(tmp_path):
     run_dir = tmp_path / "run"
-    result = train("data.val_bytes=-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # raised inside instantiate()
+    result = run_train("data.val_bytes=-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # raised inside instantiate()
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: data.val_bytes=-5 must be a positive integer."]
     assert not run_dir.exists()
@@ -169,7 +157,7 @@ def test_a_component_refusing_its_arguments_gives_its_sentence_not_hydras_traceb
 
 @pytest.mark.parametrize("args", [["trainer.lrr=0.1"], ["-m", "trainer.lrr=0.1,0.2"]], ids=["run", "sweep"])
 def test_misspelt_key_is_named_without_a_traceback(args, tmp_path):
-    result = train(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_train(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     assert "Could not override 'trainer.lrr'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
