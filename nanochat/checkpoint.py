@@ -1,11 +1,17 @@
 """Checkpoints as folders, one per step, made crash-safe the way torchtitan does it.
 
     <run_dir>/checkpoints/step_000500/
-        model.pt          model weights
-        optimizers.pt     one full state_dict per optimizer (AdamW moments, Muon momentum buffers)
-        trainer.pt        data loader position and RNG states
-        meta.json         step, resolved config, tokenizer identity, loss EMA, W&B run id, ...
-        COMPLETE          the commit marker, written last
+        model.pt               model weights
+        optimizers.pt          one full state_dict per optimizer (AdamW moments, Muon momentum
+                               buffers), when the optimizer state is replicated
+        optimizers.rank<r>.pt  rank r's optimizer shard, when it is sharded (ZeRO-2)
+        trainer.rank<r>.pt     rank r's data loader position and RNG states
+        meta.json              step, world size, resolved config, tokenizer identity, loss EMA, W&B run id, ...
+        COMPLETE               the commit marker, written last
+
+Under torchrun rank 0 writes the shared files and every rank its own <name>.rank<r>.pt; the folder is
+committed by rank 0 once every rank's files are on disk, so the run dir must be on a filesystem that
+all nodes share.
 
 A checkpoint is written into a hidden temporary folder, every file is fsync'd, the marker is
 written, and only then is the folder renamed into place (an atomic rename): a kill at any moment
@@ -24,6 +30,7 @@ from typing import Any
 
 import torch
 
+from nanochat.distributed import all_gather_object, broadcast_object, is_main, rank, together, world_size
 from nanochat.errors import UserError
 
 COMMIT_MARKER = "COMPLETE"
@@ -54,33 +61,67 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(checkpoint_dir: str | Path, step: int, payload: dict[str, Any], meta: dict, keep_last: int) -> Path:
-    """Write payload (each entry as <name>.pt) and meta atomically; keep the newest keep_last."""
+def rank_file(name: str, rank: int) -> str:
+    return f"{name}.rank{rank}.pt"
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    step: int,
+    payload: dict[str, Any],
+    meta: dict,
+    keep_last: int,
+    rank_payload: dict[str, Any] | None = None,
+) -> Path:
+    """Write payload (each entry as <name>.pt, by rank 0), every rank's rank_payload (as
+    <name>.rank<r>.pt) and meta atomically; keep the newest keep_last. Every rank calls this."""
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / checkpoint_name(step)
-    staging = checkpoint_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    for name, obj in payload.items():
-        torch.save(obj, staging / f"{name}.pt")
-    (staging / META).write_text(json.dumps({"step": step, **meta}, indent=1))
-    for path in staging.iterdir():
-        _fsync(path)
+    staging = checkpoint_dir / f".{final.name}.tmp-{broadcast_object(os.getpid())}"
+    with together("creating a checkpoint folder"):
+        if is_main():
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+    with together(f"writing checkpoint {final}"):
+        written = [staging / rank_file(name, rank()) for name in rank_payload or {}]
+        for name, obj in (rank_payload or {}).items():
+            torch.save(obj, staging / rank_file(name, rank()))
+        if is_main():
+            for name, obj in payload.items():
+                torch.save(obj, staging / f"{name}.pt")
+                written.append(staging / f"{name}.pt")
+            (staging / META).write_text(json.dumps({"step": step, "world_size": world_size(), **meta}, indent=1))
+            written.append(staging / META)
+        for path in written:
+            _fsync(path)
+    with together(f"committing checkpoint {final}"):
+        if is_main():
+            _commit(staging, final, [rank_file(name, r) for name in rank_payload or {} for r in range(world_size())])
+            for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    return final
+
+
+def _commit(staging: Path, final: Path, rank_files: list[str]) -> None:
+    """Mark the staging folder complete and rename it into place (rank 0, after every rank wrote)."""
+    missing = [name for name in rank_files if not (staging / name).is_file()]
+    if missing:
+        raise UserError(
+            f"rank 0 cannot see {', '.join(missing)} that other ranks wrote into {staging}: the run dir must be on "
+            "a filesystem shared by every node (set hydra.run.dir to a shared path)."
+        )
     (staging / COMMIT_MARKER).write_text("")
     _fsync(staging / COMMIT_MARKER)
     _fsync(staging)
     if final.exists():  # this step was saved before (a resumed run passing it again): replace it
-        displaced = checkpoint_dir / f".{final.name}.old-{os.getpid()}"
+        displaced = final.parent / f".{final.name}.old-{os.getpid()}"
         os.rename(final, displaced)
         os.rename(staging, final)
         shutil.rmtree(displaced)
     else:
         os.rename(staging, final)
-    _fsync(checkpoint_dir)
-    for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
+    _fsync(final.parent)
 
 
 def remove_stale_temporaries(checkpoint_dir: str | Path) -> None:
@@ -111,6 +152,7 @@ class UnreadableCheckpointFile(Exception):
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
+    """The shared files and this rank's own; payload keys drop the .rank<r> suffix."""
     path = Path(path)
 
     def read(file: Path, load):
@@ -120,9 +162,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
             raise UnreadableCheckpointFile(file, error) from error
 
     meta = read(path / META, lambda file: json.loads(file.read_text()))
+    mine = f".rank{rank()}"
     payload = {
-        file.stem: read(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
+        file.stem.removesuffix(mine): read(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
         for file in sorted(path.glob("*.pt"))
+        if ".rank" not in file.stem or file.stem.endswith(mine)
     }
     return Checkpoint(path, payload, meta)
 
@@ -153,17 +197,39 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
 
 
 def load_newest_readable(candidates: list[Path], map_location="cpu") -> Checkpoint | None:
-    """Load the newest candidate that reads; warn about each corrupt one skipped on the way."""
+    """Load the newest candidate that reads on every rank; warn about each corrupt one skipped on
+    the way. Every rank calls this with the same candidates."""
     for path in candidates:
         try:
-            return load_checkpoint(path, map_location)
+            checkpoint, problem = load_checkpoint(path, map_location), None
         except UnreadableCheckpointFile as error:
-            warnings.warn(
-                f"checkpoint file {error.path} is unreadable ({type(error.cause).__name__}); trying an older checkpoint."
-            )
+            checkpoint, problem = None, f"checkpoint file {error.path} is unreadable ({type(error.cause).__name__})"
+        problems = [p for p in all_gather_object(problem) if p is not None]
+        if not problems:
+            return checkpoint
+        if is_main():
+            warnings.warn(f"{'; '.join(problems)}; trying an older checkpoint.")
     if candidates:
         raise UserError(f"no checkpoint under {candidates[0].parent} could be read; see the warnings above.")
     return None
+
+
+def check_layout_matches(checkpoint: Checkpoint, ranks: int, sharded_optimizer: bool) -> None:
+    """Refuse a checkpoint whose per-rank files were written for another number of ranks or another
+    optimizer layout: its loader positions and optimizer shards would not map onto this run's ranks."""
+    saved_world = checkpoint.meta["world_size"]
+    if saved_world != ranks:
+        raise UserError(
+            f"cannot resume from {checkpoint.path}: it was written by {saved_world} rank(s) and this run has "
+            f"{ranks}; resume with torchrun on {saved_world} rank(s), or start afresh with resume=none."
+        )
+    saved_sharded = checkpoint.meta["sharded_optimizer"]
+    if saved_sharded != sharded_optimizer:
+        raise UserError(
+            f"cannot resume from {checkpoint.path}: its optimizer state is "
+            f"{'sharded' if saved_sharded else 'replicated'} (trainer.shard_optimizer={str(saved_sharded).lower()}) "
+            f"and this run has trainer.shard_optimizer={str(sharded_optimizer).lower()}; resume with the same setting."
+        )
 
 
 def check_model_matches(checkpoint: Checkpoint, model_config: dict) -> None:

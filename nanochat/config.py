@@ -14,10 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from nanochat.distributed import world_size_from_env
+from nanochat.distributed import broadcast_object, is_main
 from nanochat.errors import UserError
 
 # Used by conf/model/_gpt.yaml to express nanochat's depth rule.
@@ -127,8 +128,9 @@ def _check_device(trainer: DictConfig) -> None:
     )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise UserError naming the first offending key; return silently if the config is usable."""
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Raise UserError naming the first offending key; return silently if the config is usable
+    by world_size data-parallel ranks."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as error:  # an interpolation pointing nowhere, a resolver on bad input, ...
@@ -136,7 +138,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_optimizer(cfg.optimizer)
     _check_schedule(cfg.trainer)
-    _check_batch(cfg.trainer, cfg.model.sequence_len, world_size_from_env())
+    _check_batch(cfg.trainer, cfg.model.sequence_len, world_size)
     _check_device(cfg.trainer)
     mode = cfg.logger.get("mode", "disabled")
     _require(mode in LOGGER_MODES, f"logger.mode={mode} is not one of {', '.join(LOGGER_MODES)}.")
@@ -207,6 +209,27 @@ def sweep_group(logger: DictConfig) -> dict:
     if not is_sweep_job() or logger.get("group"):
         return {}
     return {"group": Path(HydraConfig.get().sweep.dir).name}
+
+
+class SharedRunDir(Callback):
+    """Under torchrun every rank runs Hydra, and `${now:...}` in hydra.run.dir / hydra.sweep.dir
+    would give ranks that start a second apart different dirs. Every rank takes rank 0's resolved
+    timestamps instead (Hydra caches resolver results per config, and copies that cache into each
+    sweep job's config), and only rank 0 writes Hydra's .hydra/ files. A no-op in a single process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._agree(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._agree(config, "sweep")
+
+    @staticmethod
+    def _agree(config: DictConfig, mode: str) -> None:
+        str(config.hydra[mode].dir)  # resolve it here, filling this rank's resolver cache
+        OmegaConf.set_cache(config, broadcast_object(OmegaConf.get_cache(config)))
+        if not is_main():
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
 
 
 def as_user_error(error: BaseException) -> UserError | None:

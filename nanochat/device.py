@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from nanochat.distributed import local_rank
+
 # Dense bf16 tensor-core peaks (no 2:4 sparsity), from the vendors' datasheets. Matched in order
 # against torch.cuda.get_device_name(), so more specific names come first.
 GPU_PEAK_BF16_FLOPS = (
@@ -28,12 +30,11 @@ GPU_PEAK_BF16_FLOPS = (
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto picks cuda > mps > cpu; under torchrun a CUDA device is this node's GPU number LOCAL_RANK."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank())
     return torch.device(name)
 
 

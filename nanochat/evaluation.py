@@ -4,6 +4,8 @@ Bits per byte is tokenizer-independent, so models with different vocabularies co
 the summed cross-entropy (nats) of every target token, divided by ln 2 and by the number of UTF-8
 bytes those target tokens decode to. Special tokens (BOS) decode to no text: they count zero bytes
 and their loss is left out. This is not mean loss x 1.4427, which would be bits per *token*.
+Under torchrun each rank evaluates its own stride of the validation data, and the nats and bytes
+are summed over ranks before the one division.
 """
 
 import math
@@ -12,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from nanochat.device import autocast
+from nanochat.distributed import all_reduce_sum_
 
 
 @torch.no_grad()
@@ -37,6 +40,7 @@ def evaluate_bpb(
         total_nats += losses.double()[counted].sum()
         total_bytes += nbytes.sum()
     model.train(was_training)
+    all_reduce_sum_(total_nats, total_bytes)
     if total_bytes.item() == 0:
         raise ValueError("validation batches held no text bytes: bits per byte is undefined")
     return (total_nats / (math.log(2) * total_bytes.double())).item()

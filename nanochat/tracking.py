@@ -118,3 +118,23 @@ def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class SilentTracker:
+    """What ranks other than 0 log through under torchrun: nothing. Rank 0 logs the run's metrics,
+    which are already averaged or summed over ranks, so one run dir holds one metrics.jsonl and one
+    W&B run."""
+
+    run_id = None
+
+    def offsets(self) -> dict[str, int]:
+        return {}
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

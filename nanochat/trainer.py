@@ -1,16 +1,19 @@
 """The training loop: grad accumulation, schedules, clipping, metrics, evaluation, samples, checkpoints.
 
 One optimizer step (see DESIGN.md, "Data flow of one step"):
-    grad_accum micro-steps of forward + backward on loss / grad_accum
+    grad_accum micro-steps of forward + backward on loss / grad_accum (on each rank)
+    -> gradients averaged over ranks (all-reduced, or reduce-scattered to optimizer shards)
     -> global grad norm (always measured; clipped only when grad_clip > 0)
     -> lr multiplier and Muon momentum for this step -> every optimizer steps -> zero grads
-    -> train/* metrics to metrics.jsonl (and W&B) and a progress line
+    -> train/* metrics to metrics.jsonl (and W&B) and a progress line, from rank 0
 The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
+Under torchrun every rank runs this loop in step; nanochat/data_parallel.py holds what differs.
 
 A checkpoint taken after update s-1 holds everything the next steps depend on (weights, optimizer
 states, loader position, RNG states, loss EMA, clocks), so a run resumed from it continues exactly
 as if it had never stopped: on a CPU its losses are bitwise the uninterrupted run's. SIGTERM and
-SIGINT finish the step in flight, write such a checkpoint and return.
+SIGINT finish the step in flight, write such a checkpoint and return; under torchrun the ranks agree
+at every step whether any of them was signalled, so they all stop after the same step.
 """
 
 import itertools
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 
 from nanochat.checkpoint import Checkpoint, remove_stale_temporaries, save_checkpoint
+from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers
 from nanochat.device import autocast, synchronize
+from nanochat.distributed import all_reduce_sum_, is_main, rank
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.metrics import LossEMA, StepClock, format_duration, mfu_percent
 from nanochat.optim import apply_schedule, lr_multiplier
@@ -57,6 +62,8 @@ class TrainerConfig:
     compile: bool = False
     log_every: int = 1
     peak_flops: float | None = None
+    shard_optimizer: bool = True
+    quiet_ranks: bool = True
 
 
 def resolve_num_iterations(config: TrainerConfig, flops_per_token: float, num_params: int) -> int:
@@ -68,15 +75,6 @@ def resolve_num_iterations(config: TrainerConfig, flops_per_token: float, num_pa
     else:
         steps = int(config.target_param_data_ratio * num_params) // config.total_batch_size
     return max(1, steps)
-
-
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The global L2 norm of the gradients before clipping; if max_norm > 0 and the norm exceeds
-    it, every gradient is rescaled so that the norm becomes max_norm."""
-    with_grad = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in with_grad])
 
 
 def is_due(step: int, every: int) -> bool:
@@ -128,6 +126,11 @@ class Trainer:
         self.model = model  # the uncompiled module: its state_dict and generate() are what we save and sample
         self.forward = torch.compile(model) if config.compile else model
         self.optimizers = optimizers
+        # ZeRO-2 only pays off with several ranks; a single process keeps whole-model optimizers.
+        if config.shard_optimizer and world_size > 1:
+            self.step_optimizers = ShardedOptimizers(optimizers, rank(), world_size)
+        else:
+            self.step_optimizers = ReplicatedOptimizers(optimizers, world_size)
         self.train_loader = train_loader  # an iterator of (inputs, targets) with state_dict()
         self.make_val_batches = make_val_batches
         self.tokenizer = tokenizer
@@ -151,7 +154,8 @@ class Trainer:
         self.clock = StepClock(skip=10)
         self.min_val_bpb = float("inf")
         self.start_step = 0
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # set by a signal handler on this rank
+        self.stopping = False  # some rank was signalled before this step's all-reduce
 
     def describe(self) -> str:
         c = self.config
@@ -163,7 +167,8 @@ class Trainer:
                 f"({tokens / self.model.num_params():.2f} tokens per parameter, "
                 f"{self.flops_per_token * tokens:.3e} FLOPs)",
                 f"micro-batch {c.device_batch_size} x {self.sequence_len} x {self.world_size} ranks, "
-                f"grad accumulation {self.grad_accum_steps}",
+                f"grad accumulation {self.grad_accum_steps}, optimizer state "
+                f"{'sharded over' if self.step_optimizers.sharded else 'replicated on'} {self.world_size} ranks",
                 f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
                 f"{' autocast' if self.dtype != torch.float32 else ''}, compile={c.compile}",
             ]
@@ -174,6 +179,9 @@ class Trainer:
         return evaluate_bpb(self.forward, batches, self.token_bytes, self.device, self.dtype)
 
     def sample(self, step: int) -> None:
+        """Rank 0 only: the weights are the same everywhere."""
+        if not is_main():
+            return
         c = self.config
         samples = sample_completions(self.model, self.tokenizer, c.sample_prompts, c.sample_tokens, seed=c.seed)
         for prompt, completion in samples:
@@ -181,27 +189,29 @@ class Trainer:
         self.tracker.log_samples(step, samples)
 
     def save(self, step: int) -> Path:
-        """Checkpoint the state after `step` updates: what the next update needs, and nothing later."""
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "trainer": {"loader": self.train_loader.state_dict(), "rng": rng_states()},
-        }
+        """Checkpoint the state after `step` updates: what the next update needs, and nothing later.
+
+        The weights (the same on every rank) and replicated optimizer state are rank 0's to write;
+        each rank writes its own loader position and RNG states, and its optimizer shard."""
+        optimizers = self.step_optimizers.state_dict()
+        shared = {"model": self.model.state_dict()}
+        per_rank = {"trainer": {"loader": self.train_loader.state_dict(), "rng": rng_states()}}
+        (per_rank if self.step_optimizers.sharded else shared)["optimizers"] = optimizers
         meta = {
             **self.checkpoint_meta,
             "loss_ema": self.loss_ema.state_dict(),
             "min_val_bpb": self.min_val_bpb if self.min_val_bpb < float("inf") else None,
             "clock": self.clock.state_dict(),
+            "sharded_optimizer": self.step_optimizers.sharded,
             "wandb_run_id": self.tracker.run_id,
             "log_offsets": self.tracker.offsets(),
         }
-        return save_checkpoint(self.run_dir / "checkpoints", step, payload, meta, self.config.keep_last)
+        return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, self.config.keep_last, per_rank)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint written by save(): the next update is checkpoint.step."""
         self.model.load_state_dict(checkpoint.payload["model"])
-        for optimizer, state in zip(self.optimizers, checkpoint.payload["optimizers"], strict=True):
-            optimizer.load_state_dict(state)
+        self.step_optimizers.load_state_dict(checkpoint.payload["optimizers"])
         self.train_loader.load_state_dict(checkpoint.payload["trainer"]["loader"])
         set_rng_states(checkpoint.payload["trainer"]["rng"])
         meta = checkpoint.meta
@@ -222,13 +232,20 @@ class Trainer:
                 loss = self.forward(inputs, targets)
             (loss / self.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(list(self.model.parameters()), c.grad_clip)
+        self.step_optimizers.sync_gradients()
+        grad_norm = self.step_optimizers.clip_grad_norm_(c.grad_clip)
         lrm = lr_multiplier(step, self.num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
         apply_schedule(self.optimizers, step, lrm)
-        for optimizer in self.optimizers:
-            optimizer.step()
-        self.model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / self.grad_accum_steps).item()  # .item() also waits for the device
+        self.step_optimizers.step()
+        self.step_optimizers.zero_grad()
+        # One small all-reduce per step: the loss averaged over ranks, and whether any rank was
+        # asked to stop (so that all of them stop after this same step).
+        stop_requested = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        shared = torch.stack([loss_sum / self.grad_accum_steps, stop_requested])
+        all_reduce_sum_(shared)
+        train_loss = shared[0].item() / self.world_size  # .item() also waits for the device
+        # Decided from the agreed flag only: a signal landing after this all-reduce counts next step.
+        self.stopping = shared[1].item() > 0
         synchronize(self.device)
         dt = self.clock.stop(step)
         tok_per_sec = c.total_batch_size / dt
@@ -274,7 +291,8 @@ class Trainer:
         c = self.config
         final: dict = {}
         wall_start = time.perf_counter()
-        remove_stale_temporaries(self.run_dir / "checkpoints")
+        if is_main():
+            remove_stale_temporaries(self.run_dir / "checkpoints")
         previous_handlers = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         try:
@@ -296,10 +314,10 @@ class Trainer:
                     self.tracker.log(metrics, step=step)
                     print(self.progress_line(step, metrics), flush=True)
                 done = step + 1
-                if done == self.num_iterations or is_due(done, c.save_every) or self.stop_signal is not None:
+                if done == self.num_iterations or is_due(done, c.save_every) or self.stopping:
                     print(f"saved checkpoint {self.save(done)}")
-                if self.stop_signal is not None:
-                    final["stopped_by"] = signal.Signals(self.stop_signal).name
+                if self.stopping:
+                    final["stopped_by"] = signal.Signals(self.stop_signal or signal.SIGTERM).name
                     print(f"stopped after {done} of {self.num_iterations} steps; resume with:\n  {self.resume_hint}")
                     break
         finally:

@@ -112,10 +112,9 @@ def test_cuda_asked_without_cuda_is_rejected():
         validate(compose_config("trainer.device=cuda"))
 
 
-def test_world_size_enters_the_batch_arithmetic(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+def test_world_size_enters_the_batch_arithmetic():
     with pytest.raises(UserError, match="= 8 x 256 x 3"):
-        validate(compose_config())
+        validate(compose_config(), world_size=3)
 
 
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"

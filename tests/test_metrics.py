@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from nanochat.data_parallel import ReplicatedOptimizers
 from nanochat.metrics import LossEMA, mfu_percent
-from nanochat.trainer import TrainerConfig, clip_gradients, resolve_num_iterations
+from nanochat.trainer import TrainerConfig, resolve_num_iterations
 
 
 def test_loss_ema_is_debiased_from_the_first_step():
@@ -35,6 +36,11 @@ def _params_with_grads(norm: float) -> list[torch.nn.Parameter]:
     params[0].grad = raw[:3].clone()
     params[1].grad = raw[3:].view(2, 2).clone()
     return params
+
+
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """What a single-process step does to the gradients before the optimizer steps."""
+    return ReplicatedOptimizers([torch.optim.SGD(params, lr=0.0)]).clip_grad_norm_(max_norm)
 
 
 def _global_norm(params) -> float:
