@@ -151,15 +151,15 @@ def together(what: str):
 
 
 def main_first(what: str, work):
-    """work() on rank 0, then on every other rank: the first run downloads or builds what the rest
-    then find ready (data shards, the tokenizer). Returns work()'s result on every rank."""
+    """work() on rank 0, then on the first rank of every other node, then on the rest: the first run
+    downloads or builds what the later ones find ready (data shards, the tokenizer), whether the
+    nodes share a filesystem or each has its own. Returns work()'s result on every rank."""
     result = None
-    with together(what):
-        if is_main():
-            result = work()
-    with together(what):
-        if not is_main():
-            result = work()
+    turns = (is_main(), not is_main() and local_rank() == 0, local_rank() != 0)
+    for my_turn in turns:
+        with together(what):
+            if my_turn:
+                result = work()
     return result
 
 
