@@ -7,6 +7,7 @@ the logged losses is the data-parallel machinery's.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,6 +172,24 @@ def test_a_two_rank_run_stopped_by_sigterm_resumes_exactly(runs, data_overrides,
     assert f"at step {stopped_at}" in result.stdout
     for key in ("train/loss", "train/loss_ema", "val/bpb"):
         assert losses(run_dir, key) == losses(uninterrupted, key)
+
+
+def test_two_nodes_of_one_rank_train_like_two_ranks_on_one_node(runs, data_overrides, tmp_path):
+    """Multi-node torchrun (c10d rendezvous), both "nodes" on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "run"
+    args = tiny_run(data_overrides, ROWS_PER_RANK, "optimizer=adamw", f"hydra.run.dir={run_dir}")
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--rdzv_id=test", str(REPO / "train.py")]
+    nodes = [
+        subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [stderr for _, stderr in outputs]
+    for key in ("train/loss", "val/bpb"):
+        assert losses(run_dir, key) == losses(runs(2, "adamw"), key)
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused_once(data_overrides, tmp_path):
