@@ -199,5 +199,9 @@ if __name__ == "__main__":
     except UserError as error:
         report(str(error))
         sys.exit(2)
-    main()
-    shutdown()
+    try:
+        main()
+    except SystemExit as exit_request:  # also a run stopped by a signal, which exits 0
+        shutdown(finished=exit_request.code in (0, None))
+        raise
+    shutdown(finished=True)

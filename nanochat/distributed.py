@@ -50,8 +50,13 @@ def init_from_env() -> None:
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool) -> None:
+    """Leave the process group before the interpreter exits (Gloo's threads must not outlive it).
+    finished: this rank ended normally, so wait for the others first: a rank that tears down its
+    connections while another still uses them can abort that process."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
