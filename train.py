@@ -36,6 +36,7 @@ from nanochat.config import (
     validate,
 )
 from nanochat.data.loader import TokenLoader
+from nanochat.data_parallel import shards_state
 from nanochat.device import peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
     RankFailed,
@@ -85,7 +86,7 @@ def build_and_fit(cfg: DictConfig) -> float:
     checkpoint = load_newest_readable(candidates)
     with together("checking the checkpoint"):
         if checkpoint is not None:
-            check_layout_matches(checkpoint, ranks, config.shard_optimizer and ranks > 1)
+            check_layout_matches(checkpoint, ranks, shards_state(config.shard_optimizer, ranks))
             check_model_matches(checkpoint, resolved["model"])
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

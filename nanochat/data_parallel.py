@@ -58,6 +58,12 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> No
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
+def shards_state(shard_optimizer: bool, world_size: int) -> bool:
+    """Whether a run keeps sharded optimizer state: ZeRO-2 only pays off with several ranks, so a
+    single process keeps whole-model optimizers whatever trainer.shard_optimizer says."""
+    return shard_optimizer and world_size > 1
+
+
 def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
     """Bytes of every tensor held in the optimizers' state on this rank."""
     return sum(

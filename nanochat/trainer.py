@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nanochat.checkpoint import Checkpoint, remove_stale_temporaries, save_checkpoint
-from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers
+from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
 from nanochat.device import autocast, synchronize
 from nanochat.distributed import all_reduce_sum_, is_main, rank
 from nanochat.evaluation import evaluate_bpb, sample_completions
@@ -126,8 +126,7 @@ class Trainer:
         self.model = model  # the uncompiled module: its state_dict and generate() are what we save and sample
         self.forward = torch.compile(model) if config.compile else model
         self.optimizers = optimizers
-        # ZeRO-2 only pays off with several ranks; a single process keeps whole-model optimizers.
-        if config.shard_optimizer and world_size > 1:
+        if shards_state(config.shard_optimizer, world_size):
             self.step_optimizers = ShardedOptimizers(optimizers, rank(), world_size)
         else:
             self.step_optimizers = ReplicatedOptimizers(optimizers, world_size)
