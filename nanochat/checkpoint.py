@@ -76,6 +76,7 @@ def save_checkpoint(
     """Write payload (each entry as <name>.pt, by rank 0), every rank's rank_payload (as
     <name>.rank<r>.pt) and meta atomically; keep the newest keep_last. Every rank calls this."""
     checkpoint_dir = Path(checkpoint_dir)
+    rank_payload = rank_payload or {}
     final = checkpoint_dir / checkpoint_name(step)
     staging = checkpoint_dir / f".{final.name}.tmp-{broadcast_object(os.getpid())}"
     with together("creating a checkpoint folder"):
@@ -84,20 +85,20 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
     with together(f"writing checkpoint {final}"):
-        written = [staging / rank_file(name, rank()) for name in rank_payload or {}]
-        for name, obj in (rank_payload or {}).items():
-            torch.save(obj, staging / rank_file(name, rank()))
+        files = {rank_file(name, rank()): obj for name, obj in rank_payload.items()}
         if is_main():
-            for name, obj in payload.items():
-                torch.save(obj, staging / f"{name}.pt")
-                written.append(staging / f"{name}.pt")
+            files.update({f"{name}.pt": obj for name, obj in payload.items()})
+        for file_name, obj in files.items():
+            torch.save(obj, staging / file_name)
+        written = [staging / file_name for file_name in files]
+        if is_main():
             (staging / META).write_text(json.dumps({"step": step, "world_size": world_size(), **meta}, indent=1))
             written.append(staging / META)
         for path in written:
             _fsync(path)
     with together(f"committing checkpoint {final}"):
         if is_main():
-            _commit(staging, final, [rank_file(name, r) for name in rank_payload or {} for r in range(world_size())])
+            _commit(staging, final, [rank_file(name, r) for name in rank_payload for r in range(world_size())])
             for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
                 shutil.rmtree(old)
     return final
