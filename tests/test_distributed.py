@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAKE_VAL_BYTES
-from runs import REPO, read_metrics, run_train
+from runs import read_metrics, run_train, train_command
 from token_exact_shards import publish_token_exact_shards
 
 from nanochat.checkpoint import complete_checkpoints
@@ -70,13 +70,16 @@ def tiny_run(data_overrides: list[str], rows: int, *extra: str) -> list[str]:
     ]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun_command(*args: str, patch: str | None = None, tmp_path: Path | None = None) -> list[str]:
-    script = [str(REPO / "train.py")]
+    launcher = [*TORCHRUN, "--standalone", "--nproc_per_node=2"]
     if patch is not None:
-        launcher = tmp_path / "launcher.py"
-        launcher.write_text(LAUNCHER.format(patch=patch))
-        script = [str(launcher), *script]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script, *args]
+        patching = tmp_path / "launcher.py"
+        patching.write_text(LAUNCHER.format(patch=patch))
+        launcher.append(str(patching))
+    return train_command(*args, launcher=launcher)
 
 
 def torchrun(*args: str, cwd: Path | None = None, **launcher) -> subprocess.CompletedProcess:
@@ -182,10 +185,8 @@ def test_two_nodes_of_one_rank_train_like_two_ranks_on_one_node(runs, data_overr
     run_dir = tmp_path / "run"
     args = tiny_run(data_overrides, ROWS_PER_RANK, "optimizer=adamw", f"hydra.run.dir={run_dir}")
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
-    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--rdzv_id=test", str(REPO / "train.py")]
-    nodes = [
-        subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
-    ]
+    command = train_command(*args, launcher=[*TORCHRUN, *rendezvous, "--rdzv_id=test"])
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [stderr for _, stderr in outputs]
     for key in ("train/loss", "val/bpb"):
