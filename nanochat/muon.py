@@ -5,7 +5,8 @@ matrices of the hidden layers. Each step it
 
 1. keeps an exponential moving average of the gradient (momentum, optionally Nesterov-style),
 2. replaces that update G = U S V^T by (approximately) U V^T, i.e. sets all its singular values to
-   about one, using a few Newton-Schulz iterations that run stably in bfloat16,
+   about one, using a few Newton-Schulz iterations that run stably in bfloat16 (as nanochat does;
+   `ns_dtype="float32"` runs them in fp32, slower, for comparisons that must not see bf16 rounding),
 3. applies it with a learning rate scaled by sqrt(max(1, rows / cols)).
 
 Why: the raw momentum of a transformer weight matrix is dominated by a few directions; equalising
@@ -26,11 +27,14 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximate U V^T for G = U S V^T (over the last two dims) in bfloat16."""
+NS_DTYPES = ("bfloat16", "float32")
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate U V^T for G = U S V^T (over the last two dims), computed in `dtype`."""
     assert G.ndim >= 2
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G.to(dtype)
     # Iterate on the wide orientation so X @ X^T is the smaller of the two Gram matrices.
     tall = G.size(-2) > G.size(-1)
     if tall:
@@ -45,7 +49,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters. Group options: lr, momentum, nesterov, ns_steps.
+    """Muon for 2-D parameters. Group options: lr, momentum, nesterov, ns_steps, ns_dtype.
 
     State per parameter: "momentum_buffer", the EMA of gradients (same dtype as the gradient).
     """
@@ -57,8 +61,12 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        ns_dtype: str = "bfloat16",
     ):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype={ns_dtype!r} is not one of {', '.join(NS_DTYPES)}")
+        # A dtype's name, not the torch.dtype: param groups land in checkpoints as plain data.
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -83,7 +91,7 @@ class Muon(torch.optim.Optimizer):
                 buffer.lerp_(p.grad, 1 - momentum)
                 # Nesterov: look one momentum step ahead, i.e. blend the fresh gradient with the buffer.
                 update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = zeropower_via_newtonschulz5(update, group["ns_steps"])
+                update = zeropower_via_newtonschulz5(update, group["ns_steps"], getattr(torch, group["ns_dtype"]))
                 # An orthogonalised [rows, cols] update has per-entry RMS 1/sqrt(max(rows, cols)).
                 # Scaling tall matrices by sqrt(rows / cols) makes it 1/sqrt(cols) = 1/sqrt(fan_in)
                 # for every shape.

@@ -53,6 +53,7 @@ def adamw_muon(
     momentum_start: float = 0.85,
     momentum_warmup_steps: int = 300,
     ns_steps: int = 5,
+    ns_dtype: str = "bfloat16",
 ) -> list[torch.optim.Optimizer]:
     width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
     adam_groups = [
@@ -72,7 +73,7 @@ def adamw_muon(
         momentum_end=momentum,
         momentum_warmup_steps=momentum_warmup_steps,
     )
-    muon = Muon([muon_group], ns_steps=ns_steps)
+    muon = Muon([muon_group], ns_steps=ns_steps, ns_dtype=ns_dtype)
     return _finalise(model, [adam, muon])
 
 

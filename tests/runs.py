@@ -21,9 +21,9 @@ def run_train(
     )
 
 
-def start_train(*args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+def start_train(*args: str, launcher: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        train_command(*args, launcher=launcher), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train_command(*args, launcher=launcher), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

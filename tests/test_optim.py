@@ -82,6 +82,32 @@ def test_newton_schulz_output_is_close_to_orthogonal():
         assert input_singular_values.max() / input_singular_values.min() > 5
 
 
+def test_float32_newton_schulz_agrees_with_bf16_up_to_bf16_rounding():
+    generator = torch.Generator().manual_seed(0)
+    G = torch.randn(64, 128, generator=generator)
+    exact, rounded = zeropower_via_newtonschulz5(G, 5, torch.float32), zeropower_via_newtonschulz5(G, 5)
+    assert exact.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    # 5 iterations of 3 matmuls, each output rounded to bf16 (2^-8 relative): at most ~15 roundings
+    # add up, and the iteration does not amplify them near its fixed point.
+    relative = (rounded.float() - exact).norm() / exact.norm()
+    assert 2.0**-12 < relative < 15 * 2.0**-8  # bf16 rounding is there, and no more than that
+
+
+def test_muon_with_float32_newton_schulz_steps_by_the_fp32_update():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 64))
+    before = weight.detach().clone()
+    weight.grad = torch.randn(32, 64)
+    Muon([weight], lr=0.05, momentum=0.0, nesterov=False, ns_dtype="float32").step()
+    expected = before - 0.05 * zeropower_via_newtonschulz5(weight.grad, 5, torch.float32)
+    torch.testing.assert_close(weight.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_muon_refuses_an_unknown_newton_schulz_dtype():
+    with pytest.raises(ValueError, match="ns_dtype='float16' is not one of bfloat16, float32"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_dtype="float16")
+
+
 @pytest.mark.parametrize("shape, shape_scale", [((32, 64), 1.0), ((64, 16), 2.0)])
 def test_first_muon_step_moves_weights_by_lr_times_orthogonalised_gradient(shape, shape_scale):
     torch.manual_seed(0)

