@@ -18,6 +18,7 @@ when one exits with an error.
 import contextlib
 import datetime
 import hashlib
+import importlib
 import json
 import os
 
@@ -47,13 +48,19 @@ def init_from_env() -> None:
         backend = "cpu:gloo,cuda:nccl"  # CUDA tensors over NCCL; object collectives and CPU tensors over Gloo
     else:
         backend = "gloo"
+    # torch._dynamo, once imported (by torch.compile, and by the first operation on the meta device,
+    # where models are built), keeps references to the default process group if one exists by then.
+    # destroy_process_group() then cannot free it: Gloo's worker threads outlive it and are torn
+    # down during interpreter finalization, where they can abort the process (SIGABRT). Imported
+    # first, dynamo holds no such reference, and shutdown() really joins those threads.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown(finished: bool) -> None:
-    """Leave the process group before the interpreter exits (Gloo's threads must not outlive it).
-    finished: this rank ended normally, so wait for the others first: a rank that tears down its
-    connections while another still uses them can abort that process."""
+    """Leave the process group before the interpreter exits: its threads are joined here, not
+    during finalization (see init_from_env). finished: this rank ended normally, so all ranks meet
+    at a barrier first and leave together, with no collective of theirs still in flight."""
     if dist.is_initialized():
         if finished:
             dist.barrier()
