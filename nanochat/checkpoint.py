@@ -175,8 +175,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
 def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
     """The checkpoints `resume` points at, newest first.
 
-    resume=none: none. resume=auto: those in this run dir (none is fine: a fresh start).
-    resume=<path>: a checkpoint folder, or a run dir / checkpoints dir holding some; it must exist
+    checkpoint.resume=none: none. checkpoint.resume=auto: those in this run dir (none is fine: a fresh start).
+    checkpoint.resume=<path>: a checkpoint folder, or a run dir / checkpoints dir holding some; it must exist
     and hold at least one complete checkpoint.
     """
     if resume == "none":
@@ -185,7 +185,7 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
         return complete_checkpoints(run_dir / "checkpoints")[::-1]
     path = Path(resume).expanduser()
     if not path.exists():
-        raise UserError(f"resume={resume} does not exist.")
+        raise UserError(f"checkpoint.resume={resume} does not exist.")
     if is_complete(path):
         return [path]
     for folder in (path, path / "checkpoints"):
@@ -193,7 +193,7 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
         if found:
             return found[::-1]
     raise UserError(
-        f"resume={resume} holds no complete checkpoint (a {PREFIX}NNNNNN folder with its {COMMIT_MARKER} marker)."
+        f"checkpoint.resume={resume} holds no complete checkpoint (a {PREFIX}NNNNNN folder with its {COMMIT_MARKER} marker)."
     )
 
 
@@ -222,28 +222,30 @@ def check_layout_matches(checkpoint: Checkpoint, ranks: int, sharded_optimizer: 
     if saved_world != ranks:
         raise UserError(
             f"cannot resume from {checkpoint.path}: it was written by {saved_world} rank(s) and this run has "
-            f"{ranks}; resume with torchrun on {saved_world} rank(s), or start afresh with resume=none."
+            f"{ranks}; resume with torchrun on {saved_world} rank(s), or start afresh with checkpoint.resume=none."
         )
     saved_sharded = checkpoint.meta["sharded_optimizer"]
     if saved_sharded != sharded_optimizer:
         raise UserError(
             f"cannot resume from {checkpoint.path}: its optimizer state is "
-            f"{'sharded' if saved_sharded else 'replicated'} (trainer.shard_optimizer={str(saved_sharded).lower()}) "
-            f"and this run has trainer.shard_optimizer={str(sharded_optimizer).lower()}; resume with the same setting."
+            f"{'sharded' if saved_sharded else 'replicated'} (system.shard_optimizer={str(saved_sharded).lower()}) "
+            f"and this run has system.shard_optimizer={str(sharded_optimizer).lower()}; resume with the same setting."
         )
 
 
-def check_model_matches(checkpoint: Checkpoint, model_config: dict) -> None:
-    """Refuse a checkpoint whose parameter shapes differ from this run's model config."""
-    keys = ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size")
-    saved = checkpoint.meta["config"]["model"]
-    differing = [
-        f"model.{k} ({saved.get(k)} in the checkpoint, {model_config.get(k)} now)"
-        for k in keys
-        if saved.get(k) != model_config.get(k)
-    ]
-    if differing:
-        raise UserError(f"cannot resume from {checkpoint.path}: the model differs in {', '.join(differing)}.")
+def check_model_matches(checkpoint: Checkpoint, model: torch.nn.Module, model_differences: str) -> None:
+    """Refuse a checkpoint whose parameters (names and shapes) differ from this run's model.
+
+    model may live on the meta device; model_differences names the model config keys that differ
+    (empty if none), which is what the refusal quotes."""
+    saved = {name: tuple(tensor.shape) for name, tensor in checkpoint.payload["model"].items()}
+    ours = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if saved == ours:
+        return
+    if not model_differences:
+        differing = sorted(name for name in saved.keys() | ours.keys() if saved.get(name) != ours.get(name))
+        model_differences = "its parameters " + ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+    raise UserError(f"cannot resume from {checkpoint.path}: the model differs in {model_differences}.")
 
 
 def check_tokenizer_matches(checkpoint: Checkpoint, tokenizer_identity: dict) -> None:

@@ -1,178 +1,113 @@
-"""Config helpers: the resolvers the YAML files use, validation of a composed config, and the
-composition of conf/ for command-line tools other than train.py.
+"""Everything the project asks of Hydra: the resolvers the YAML files use, building a node with
+`hydra.utils.instantiate`, composing conf/ for the command-line tools, the running job's dir and
+overrides, and the check of a whole command line before Hydra starts a job.
 
-Validation runs before anything heavy (downloads, tokenizer training, model allocation) and turns
-every user mistake into one sentence that names the key and its value. This is the only library
-module that knows about Hydra; components themselves take plain arguments.
+This is the only library module that imports Hydra; components take plain arguments.
 """
 
+import itertools
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, read_write
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from nanochat.distributed import broadcast_object, is_main
-from nanochat.errors import UserError
+from nanochat.errors import InvalidArgument, UserError
+from nanochat.schema import renamed, suggest
 
 # Used by conf/model/_gpt.yaml to express nanochat's depth rule.
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
 OmegaConf.register_new_resolver("ceil_div", lambda a, b: -(-a // b), replace=True)
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
-LOGGER_MODES = ("offline", "online", "disabled")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
-
-
-def _positive(section: DictConfig, prefix: str, keys: list[str]) -> None:
-    for key in keys:
-        value = section[key]
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-            f"{prefix}.{key}={value} must be a positive number.",
-        )
-
-
-def _check_model(model: DictConfig) -> None:
-    _positive(model, "model", ["n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "vocab_size"])
-    _require(
-        model.n_embd % model.n_head == 0,
-        f"model.n_embd={model.n_embd} is not divisible by model.n_head={model.n_head}.",
-    )
-    _require(
-        model.n_head % model.n_kv_head == 0,
-        f"model.n_head={model.n_head} is not divisible by model.n_kv_head={model.n_kv_head} "
-        "(each key/value head must serve a whole number of query heads).",
-    )
-    head_dim = model.n_embd // model.n_head
-    _require(
-        head_dim % 2 == 0,
-        f"model.n_embd / model.n_head = {model.n_embd} / {model.n_head} = {head_dim} is odd; "
-        "rotary embeddings need an even head dimension.",
-    )
-
-
-def _check_optimizer(optimizer: DictConfig) -> None:
-    for key, value in optimizer.items():
-        if key.endswith("lr"):
-            _require(
-                isinstance(value, (int, float)) and value > 0,
-                f"optimizer.{key}={value} must be a positive learning rate.",
-            )
-
-
-def _check_schedule(trainer: DictConfig) -> None:
-    for key in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-        _require(0.0 <= trainer[key] <= 1.0, f"trainer.{key}={trainer[key]} must be between 0 and 1.")
-    _require(
-        trainer.warmup_ratio + trainer.warmdown_ratio <= 1.0,
-        f"trainer.warmup_ratio + trainer.warmdown_ratio = {trainer.warmup_ratio} + "
-        f"{trainer.warmdown_ratio} exceeds 1: warmup and warmdown would overlap.",
-    )
-    _require(
-        trainer.num_iterations > 0 or trainer.target_flops > 0 or trainer.target_param_data_ratio > 0,
-        f"trainer.num_iterations={trainer.num_iterations}, trainer.target_flops={trainer.target_flops} "
-        f"and trainer.target_param_data_ratio={trainer.target_param_data_ratio} leave the run length "
-        "undefined: set one of them to a positive value.",
-    )
-    _require(
-        trainer.num_iterations > 0 or trainer.num_iterations == -1,
-        f"trainer.num_iterations={trainer.num_iterations} must be positive, or -1 to derive it.",
-    )
-
-
-def _check_batch(trainer: DictConfig, sequence_len: int, world_size: int) -> None:
-    _positive(trainer, "trainer", ["device_batch_size", "total_batch_size", "eval_tokens", "log_every"])
-    tokens_per_micro_step = trainer.device_batch_size * sequence_len * world_size
-    _require(
-        trainer.total_batch_size % tokens_per_micro_step == 0,
-        f"trainer.total_batch_size={trainer.total_batch_size} is not divisible by device_batch_size x "
-        f"sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size}.",
-    )
-    _require(
-        trainer.eval_tokens >= tokens_per_micro_step,
-        f"trainer.eval_tokens={trainer.eval_tokens} is smaller than one evaluation batch: device_batch_size "
-        f"x sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size} "
-        f"= {tokens_per_micro_step} tokens.",
-    )
-    _require(trainer.grad_clip >= 0, f"trainer.grad_clip={trainer.grad_clip} must be >= 0 (0 disables clipping).")
-    _require(
-        isinstance(trainer.keep_last, int) and trainer.keep_last >= 2,
-        f"trainer.keep_last={trainer.keep_last} must be at least 2 (the newest checkpoint may be the one being written).",
-    )
-    peak = trainer.peak_flops
-    _require(peak is None or peak > 0, f"trainer.peak_flops={peak} must be a positive FLOP/s figure or null.")
-
-
-def _check_device(trainer: DictConfig) -> None:
-    _require(trainer.device in DEVICES, f"trainer.device={trainer.device} is not one of {', '.join(DEVICES)}.")
-    _require(trainer.dtype in DTYPES, f"trainer.dtype={trainer.dtype} is not one of {', '.join(DTYPES)}.")
-    _require(
-        trainer.device != "cuda" or torch.cuda.is_available(),
-        "trainer.device=cuda was asked for, but PyTorch sees no CUDA device on this machine.",
-    )
-    _require(
-        trainer.device != "mps" or torch.backends.mps.is_available(),
-        "trainer.device=mps was asked for, but PyTorch sees no MPS device on this machine.",
-    )
-
-
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Raise UserError naming the first offending key; return silently if the config is usable
-    by world_size data-parallel ranks."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except Exception as error:  # an interpolation pointing nowhere, a resolver on bad input, ...
-        raise UserError(f"the config does not resolve: {error}".replace("\n", " ")) from None
-    _check_model(cfg.model)
-    _check_optimizer(cfg.optimizer)
-    _check_schedule(cfg.trainer)
-    _check_batch(cfg.trainer, cfg.model.sequence_len, world_size)
-    _check_device(cfg.trainer)
-    mode = cfg.logger.get("mode", "disabled")
-    _require(mode in LOGGER_MODES, f"logger.mode={mode} is not one of {', '.join(LOGGER_MODES)}.")
-    _require(
-        isinstance(cfg.resume, str) and cfg.resume != "",
-        f"resume={cfg.resume} must be auto, none or the path of a checkpoint or run dir.",
-    )
-    vocab_size = cfg.tokenizer.vocab_size
-    _require(
-        isinstance(vocab_size, int) and vocab_size > 256 + 9,
-        f"tokenizer.vocab_size={vocab_size} must exceed 265 (256 byte tokens plus 9 special tokens).",
-    )
-
-
-def resolved_container(cfg: DictConfig) -> dict:
-    """The fully resolved config as plain containers, for logging and checkpoints."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-
-
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PRIMARY_CONFIG = "config"
 
 
-def compose_cli(overrides: list[str]) -> DictConfig:
-    """conf/config.yaml with command-line overrides, for tools that share train.py's keys (e.g.
-    `python -m nanochat.data.download data=fineweb_edu data.num_shards=8`). A bad override is a
-    UserError, not a traceback."""
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain resolved containers, without Hydra's own node; a value left at ??? or
+    an interpolation that points nowhere is one sentence."""
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except HydraException as error:
-        raise UserError(str(error).replace("\n", " ")) from None
+        container = OmegaConf.to_container(without_hydra(cfg), resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        key = error.full_key
+        raise UserError(f"{key} needs a value (it is ??? in the YAML): set {key}=<value>.") from None
+    except OmegaConfBaseException as error:  # an interpolation pointing nowhere, a resolver on bad input, ...
+        raise UserError(f"the config does not resolve: {_first_line(error)}") from None
+    return container
 
 
-def run_cli(main, argv: list[str] | None = None) -> None:
+def build(path: str, node, **kwargs):
+    """hydra.utils.instantiate(node, **kwargs), with a component's InvalidArgument named by the
+    node's keys (model.n_head=3, not n_head=3) and any UserError it raises passed through."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = as_user_error(error)
+        if isinstance(cause, InvalidArgument):
+            raise UserError(cause.render(f"{path}.")) from None
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def compose_cli(overrides: list[str], config_name: str = PRIMARY_CONFIG, config_dir: Path | None = None) -> DictConfig:
+    """conf/config.yaml (or another primary config, e.g. one of sweeps/) with command-line
+    overrides, for tools that share train.py's keys (e.g. `python -m nanochat.data.download
+    data=fineweb_edu data.num_shards=8`). A bad override is one sentence, not a traceback."""
+    search = [] if config_dir is None else [f"hydra.searchpath=[file://{CONF_DIR}]"]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=[*search, *overrides], return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(explain_compose_error(error, overrides, config_name, config_dir)) from None
+
+
+def explain_compose_error(error: Exception, overrides: list[str], config_name: str, config_dir: Path | None) -> str:
+    """Hydra's multi-line composition errors as one sentence naming the key (or group) and value."""
+    message = str(error)
+    unknown = re.search(r"Could not (?:override|delete|append to config)[^']*'([^']+)'", message)
+    if unknown:
+        key = unknown.group(1).lstrip("+~")
+        sentence = renamed(key)
+        if sentence:
+            return sentence
+        parent, _, name = key.rpartition(".")
+        others = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=") and o.lstrip("+~") != key]
+        try:
+            cfg = compose_cli(others, config_name, config_dir)
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            valid = [k for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
+        except UserError:
+            valid = []
+        where = parent or "the config"
+        hint = suggest(name, valid, parent) if valid else "check its spelling."
+        return f"{key} is not a key of {where}; {hint}"
+    missing_choice = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+    if missing_choice:
+        group, choice = missing_choice.groups()
+        options = re.findall(r"^\t(\S+)$", message.split("Available options", 1)[-1], flags=re.MULTILINE)
+        options = [o for o in options if not o.startswith("_")]
+        return f"{group}={choice} is not a choice of {group}; the choices are {', '.join(options)}."
+    return f"the command line does not compose: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def run_cli(main: Callable[[DictConfig], None], argv: list[str] | None = None) -> None:
     """Run main(cfg) on the composed config; a UserError becomes one line on stderr and exit code 2."""
     try:
         main(compose_cli(sys.argv[1:] if argv is None else argv))
@@ -181,11 +116,69 @@ def run_cli(main, argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def instantiate_node(node: DictConfig):
-    """hydra.utils.instantiate for library command-line tools, which do not import Hydra themselves."""
-    from hydra.utils import instantiate
+def check_command_line(argv: list[str], check: Callable[[DictConfig, Path | None], None]) -> None:
+    """Compose the config of every job this command line would run, as Hydra would, and check(cfg,
+    run_dir) each one (run_dir is None for the jobs of a sweep). Raises UserError naming the first
+    mistake, before Hydra makes a run dir or writes .hydra/.
 
-    return instantiate(node)
+    A sweep's values come from its overrides and from hydra.sweeper.params: lists, choices and
+    ranges are checked value by value (every combination, up to 64 of them; beyond that each value
+    once), Optuna's intervals at both ends."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.experimental_rerun:
+        return  # Hydra prints something and trains nothing
+    config_name = args.config_name or PRIMARY_CONFIG
+    config_dir = Path(args.config_dir).resolve() if args.config_dir else None
+    if args.config_path:
+        config_dir = (CONF_DIR.parent / args.config_path).resolve()
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(args.overrides)
+    except HydraException as error:
+        raise UserError(f"the command line does not parse: {_first_line(error)}") from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): _sweep_values(o) for o in parsed if o.is_sweep_override()}
+    if sweeps and not args.multirun:
+        key = next(iter(sweeps))
+        raise UserError(f"{key} has several values ({', '.join(sweeps[key])}): sweeps need -m (--multirun).")
+    if not args.multirun:
+        cfg = compose_cli(fixed, config_name, config_dir)
+        check(cfg, Path(cfg.hydra.run.dir))
+        return
+    params = compose_cli(fixed, config_name, config_dir).hydra.sweeper.get("params") or {}
+    for key, values in params.items():
+        if key not in sweeps and not any(o.get_key_element() == key for o in parsed):
+            sweeps[key] = _sweep_values(parser.parse_override(f"{key}={values}"))
+    for combination in _combinations(list(sweeps.items())):
+        check(compose_cli([*fixed, *combination], config_name, config_dir), None)
+
+
+def _sweep_values(override) -> list[str]:
+    if isinstance(override.value(), IntervalSweep):
+        interval = override.value()
+        return [str(interval.start), str(interval.end)]
+    if override.is_sweep_override():
+        try:
+            return list(override.sweep_string_iterator())
+        except HydraException:  # glob(): Hydra expands it against the group's files; not checked here
+            return []
+    return [override.get_value_element_as_str()]
+
+
+def _combinations(sweeps: list[tuple[str, list[str]]], limit: int = 64) -> list[list[str]]:
+    sweeps = [(key, values) for key, values in sweeps if values]
+    if not sweeps:
+        return [[]]
+    choices = [[f"{key}={value}" for value in values] for key, values in sweeps]
+    total = 1
+    for options in choices:
+        total *= len(options)
+    if total <= limit:
+        return [list(c) for c in itertools.product(*choices)]
+    longest = max(map(len, choices))
+    return [[options[i % len(options)] for options in choices] for i in range(longest)]
 
 
 # What train.py asks of the running Hydra job.
@@ -200,15 +193,23 @@ def is_sweep_job() -> bool:
 
 
 def task_overrides() -> list[str]:
-    """The job's command-line overrides, minus resume= (a resumed run is the same run)."""
-    return [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    """The job's command-line overrides, minus checkpoint.resume= (a resumed run is the same run)."""
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+").startswith("checkpoint.resume=")]
 
 
-def sweep_group(logger: DictConfig) -> dict:
-    """Every job of a sweep joins one W&B group named after the sweep dir, unless logger.group is set."""
-    if not is_sweep_job() or logger.get("group"):
-        return {}
-    return {"group": Path(HydraConfig.get().sweep.dir).name}
+def sweep_group() -> str | None:
+    """The W&B group of a sweep's jobs: the sweep dir's name (None for a single run)."""
+    return Path(HydraConfig.get().sweep.dir).name if is_sweep_job() else None
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """A copy of a composed config without Hydra's own node (compose_cli returns it with one)."""
+    if "hydra" not in cfg:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    return cfg
 
 
 class SharedRunDir(Callback):

@@ -5,11 +5,11 @@ its local gradients. Then:
 
     synchronise gradients -> global grad norm (clip) -> optimizer step -> (sharded) gather weights
 
-ReplicatedOptimizers (plain DDP; trainer.shard_optimizer=false, and any single process)
+ReplicatedOptimizers (plain DDP; system.shard_optimizer=false, and any single process)
     all-reduces (averages) every gradient; every rank steps every parameter and keeps the full
     optimizer state.
 
-ShardedOptimizers (ZeRO-2, as nanochat's DistAdamW / DistMuon; trainer.shard_optimizer=true)
+ShardedOptimizers (ZeRO-2, as nanochat's DistAdamW / DistMuon; system.shard_optimizer=true)
     each rank owns part of the model and keeps optimizer state and reduced gradients only for that
     part:
     - elementwise optimizers (AdamW, ...) own a 1/W slice of rows of every parameter: gradients are
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.distributed import all_reduce_sum_
+from nanochat.optim import load_state_keeping_hyperparameters
 
 # Optimizers whose update of each element depends only on that element's gradient and state, so
 # any slice of a parameter can be stepped on its own.
@@ -60,7 +61,7 @@ def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> No
 
 def shards_state(shard_optimizer: bool, world_size: int) -> bool:
     """Whether a run keeps sharded optimizer state: ZeRO-2 only pays off with several ranks, so a
-    single process keeps whole-model optimizers whatever trainer.shard_optimizer says."""
+    single process keeps whole-model optimizers whatever system.shard_optimizer says."""
     return shard_optimizer and world_size > 1
 
 
@@ -112,8 +113,9 @@ class ReplicatedOptimizers:
         return [optimizer.state_dict() for optimizer in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """The saved moments and buffers, under the hyperparameters these optimizers were built with."""
         for optimizer, state in zip(self.optimizers, states, strict=True):
-            optimizer.load_state_dict(state)
+            load_state_keeping_hyperparameters(optimizer, state)
 
 
 class ShardedOptimizers(ReplicatedOptimizers):

@@ -79,13 +79,13 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float | None, str]:
     """The FLOP/s MFU divides by, and a sentence saying where it came from."""
     if override is not None:
-        return float(override), f"MFU is against trainer.peak_flops={override:.3g} FLOP/s"
+        return float(override), f"MFU is against system.peak_flops={override:.3g} FLOP/s"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for pattern, flops in GPU_PEAK_BF16_FLOPS:
             if pattern in name:
                 return flops, f"MFU is against the {name} datasheet bf16 peak of {flops:.3g} FLOP/s"
-        return None, f"no peak FLOP/s known for {name}: set trainer.peak_flops to log MFU"
+        return None, f"no peak FLOP/s known for {name}: set system.peak_flops to log MFU"
     flops = measure_matmul_flops(device, dtype)
     return flops, (
         f"MFU on {device.type} is against a peak measured now by a {str(dtype).removeprefix('torch.')} "

@@ -47,7 +47,7 @@ def evaluate_bpb(
 
 
 def sample_completions(
-    model, tokenizer, prompts: Iterable[str], max_tokens: int, temperature: float = 0.8, top_k: int = 50, seed: int = 0
+    model, tokenizer, prompts: Iterable[str], max_tokens: int, temperature: float, top_k: int | None, seed: int
 ) -> list[tuple[str, str]]:
     """Continue each prompt (BOS first, as in training) with fixed seeds, so samples from different
     steps of one run differ only because the model did. A sample ends where the model starts a new

@@ -17,11 +17,13 @@ Architecture choices that differ from GPT-2 / nanoGPT:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.errors import InvalidArgument
 
 ROTARY_BASE = 10_000
 LOGIT_SOFTCAP = 15.0
@@ -32,12 +34,38 @@ ROTARY_LENGTH_FACTOR = 10
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 1024
-    vocab_size: int = 65536
-    n_layer: int = 12
-    n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads; fewer than n_head means grouped-query attention
-    n_embd: int = 768
+    """The shape of a GPT; conf/model/ holds the values (nanochat's depth rule in _gpt.yaml)."""
+
+    sequence_len: int
+    vocab_size: int
+    n_layer: int
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads; fewer than n_head means grouped-query attention
+    n_embd: int
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidArgument(f"{{{name}}} must be a positive integer.", **{name: value})
+        if self.n_embd % self.n_head:
+            raise InvalidArgument("{n_embd} is not divisible by {n_head}.", n_embd=self.n_embd, n_head=self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise InvalidArgument(
+                "{n_head} is not divisible by {n_kv_head} (each key/value head must serve a whole number of "
+                "query heads).",
+                n_head=self.n_head,
+                n_kv_head=self.n_kv_head,
+            )
+        if self.head_dim % 2:
+            raise InvalidArgument(
+                f"{{n_embd}} / {{n_head}} = {self.head_dim} is odd; rotary embeddings need an even head dimension.",
+                n_embd=self.n_embd,
+                n_head=self.n_head,
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +96,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_dim
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -114,8 +141,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """A language model with the interface of nanochat/interface.py, built from its shape:
+    `GPT(sequence_len=..., vocab_size=..., n_layer=..., n_head=..., n_kv_head=..., n_embd=...)`."""
+
+    def __init__(self, *, sequence_len: int, vocab_size: int, n_layer: int, n_head: int, n_kv_head: int, n_embd: int):
         super().__init__()
+        config = GPTConfig(sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd)
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -132,11 +163,21 @@ class GPT(nn.Module):
         if self.transformer.wte.weight.device.type != "meta":
             self.init_weights()
 
+    @classmethod
+    def from_config(cls, config: GPTConfig) -> "GPT":
+        return cls(**asdict(config))
+
+    @property
+    def sequence_len(self) -> int:
+        return self.config.sequence_len
+
+    @property
+    def width(self) -> int:
+        return self.config.n_embd
+
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        head_dim = self.config.n_embd // self.config.n_head
-        assert head_dim % 2 == 0, "rotary embeddings pair up channels, so head_dim must be even"
         seq_len = self.config.sequence_len * ROTARY_LENGTH_FACTOR
-        return rotary_tables(seq_len, head_dim, device=self.transformer.wte.weight.device)
+        return rotary_tables(seq_len, self.config.head_dim, device=self.transformer.wte.weight.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -154,6 +195,15 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.cos, self.sin = self._rotary_tables()
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters by role, for the optimizer builders (see nanochat/interface.py)."""
+        return {
+            "embedding": [self.transformer.wte.weight],
+            "unembedding": [self.lm_head.weight],
+            "matrices": [p for p in self.transformer.h.parameters()],
+            "other": [],  # no norm gains, biases or scalars: RMSNorm here has no parameters
+        }
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -162,9 +212,8 @@ class GPT(nn.Module):
         for every parameter except the embedding lookup (the lm_head is a real matmul and counts),
         plus 12 * n_layer * n_head * head_dim * sequence_len for the attention scores and values."""
         cfg = self.config
-        head_dim = cfg.n_embd // cfg.n_head
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
-        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
 
     def _hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)

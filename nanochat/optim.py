@@ -1,71 +1,83 @@
-"""Optimizer builders and training schedules.
+"""Optimizer builders and the per-step schedule application.
 
 Hydra configs point at a builder with `_partial_: true`; the trainer calls `builder(model)` and
-always gets a list of torch optimizers back. Every param group carries `initial_lr` (its lr at
-build time), and the schedule is applied with `apply_schedule(optimizers, step, lr_multiplier(...))`
-without the trainer knowing which builder made them.
+always gets a list of torch optimizers back. Builders see the model only through
+`model.param_groups()` and `model.width` (nanochat/interface.py), so they work for any
+architecture. Every param group carries `initial_lr` (its lr at build time), and the schedule is
+applied with `apply_schedule(optimizers, step, lr_multiplier)` without the trainer knowing which
+builder made them. The values of every argument live in conf/optimizer/*.yaml.
 
-- `adamw`: one AdamW over everything; weight decay only on 2-D matrices other than the token
-  embedding.
+- `adamw`: one AdamW over everything; weight decay only on 2-D weights other than the token
+  embedding (the output head, the block matrices, any other matrix).
 - `adamw_muon`: nanochat's split. AdamW for the token embedding and the lm_head, with their lrs
-  scaled by (n_embd / 768) ** -0.5 (the base lrs were tuned at width 768); Muon for every matrix
-  inside the transformer blocks, with its momentum warmed up over the first steps.
+  scaled by (width / 768) ** -0.5 (the base lrs were tuned at width 768); Muon for every matrix
+  inside the network, with its momentum warmed up over the first steps; parameters of no other
+  role (norm gains, biases: nanochat's GPT has none) to AdamW at other_lr.
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from nanochat.errors import InvalidArgument
+from nanochat.interface import LanguageModel, grouped_parameters
 from nanochat.muon import Muon
 
-REFERENCE_WIDTH = 768  # n_embd at which nanochat's AdamW learning rates were tuned
+REFERENCE_WIDTH = 768  # model width at which nanochat's AdamW learning rates were tuned
+
+
+def _check_learning_rates(**lrs: float) -> None:
+    for name, lr in lrs.items():
+        if not lr > 0:
+            raise InvalidArgument(f"{{{name}}} must be a positive learning rate.", **{name: lr})
 
 
 def adamw(
-    model: nn.Module,
-    lr: float = 3e-3,
-    betas: Sequence[float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    model: LanguageModel, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> list[torch.optim.Optimizer]:
-    embedding = model.transformer.wte.weight
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 and p is not embedding else no_decay).append(p)
-    groups = [
+    _check_learning_rates(lr=lr)
+    groups = grouped_parameters(model)
+    no_decay = {id(p) for p in groups["embedding"]} | {id(p) for p in groups["other"] if p.ndim < 2}
+    decay = [p for p in model.parameters() if id(p) not in no_decay]
+    param_groups = [
         dict(params=decay, weight_decay=weight_decay, name="decay"),
-        dict(params=no_decay, weight_decay=0.0, name="no_decay"),
+        dict(params=[p for p in model.parameters() if id(p) in no_decay], weight_decay=0.0, name="no_decay"),
     ]
-    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=_as_pair(betas), eps=eps)]
+    optimizers = [torch.optim.AdamW(param_groups, lr=lr, betas=_as_pair(betas), eps=eps)]
     return _finalise(model, optimizers)
 
 
 def adamw_muon(
-    model: nn.Module,
-    embedding_lr: float = 0.2,
-    unembedding_lr: float = 0.004,
-    matrix_lr: float = 0.02,
-    weight_decay: float = 0.0,
-    adam_betas: Sequence[float] = (0.8, 0.95),
-    adam_eps: float = 1e-10,
-    momentum: float = 0.95,
-    momentum_start: float = 0.85,
-    momentum_warmup_steps: int = 300,
-    ns_steps: int = 5,
-    ns_dtype: str = "bfloat16",
+    model: LanguageModel,
+    embedding_lr: float,
+    unembedding_lr: float,
+    matrix_lr: float,
+    other_lr: float,
+    weight_decay: float,
+    adam_betas: tuple[float, float],
+    adam_eps: float,
+    momentum: float,
+    momentum_start: float,
+    momentum_warmup_steps: int,
+    ns_steps: int,
+    ns_dtype: Literal["bfloat16", "float32"],
 ) -> list[torch.optim.Optimizer]:
-    width_scale = (model.config.n_embd / REFERENCE_WIDTH) ** -0.5
+    _check_learning_rates(
+        embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, matrix_lr=matrix_lr, other_lr=other_lr
+    )
+    groups = grouped_parameters(model)
+    width_scale = (model.width / REFERENCE_WIDTH) ** -0.5
     adam_groups = [
-        dict(params=list(model.lm_head.parameters()), lr=unembedding_lr * width_scale, name="unembedding"),
-        dict(params=list(model.transformer.wte.parameters()), lr=embedding_lr * width_scale, name="embedding"),
+        dict(params=groups["unembedding"], lr=unembedding_lr * width_scale, name="unembedding"),
+        dict(params=groups["embedding"], lr=embedding_lr * width_scale, name="embedding"),
     ]
+    if groups["other"]:
+        adam_groups.append(dict(params=groups["other"], lr=other_lr, name="other"))
     adam = torch.optim.AdamW(adam_groups, betas=_as_pair(adam_betas), eps=adam_eps, weight_decay=weight_decay)
-    # Only the 2-D block parameters go to Muon; anything else in the blocks stays in no group, and
-    # the coverage check below reports it rather than leaving it silently untrained.
-    matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     muon_group = dict(
-        params=matrices,
+        params=groups["matrices"],
         lr=matrix_lr,
         name="matrix",
         momentum=muon_momentum(0, momentum_start, momentum, momentum_warmup_steps),
@@ -115,24 +127,14 @@ def check_groups_cover_model(model: nn.Module, optimizers: Sequence[torch.optim.
         raise ValueError("Optimizer param groups must hold every model parameter exactly once; " + "; ".join(problems))
 
 
-def lr_multiplier(
-    step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float
-) -> float:
-    """nanochat's trapezoid: linear warmup, constant, linear warmdown to `final_lr_frac`.
-
-    With N = num_iterations, warmup W = round(warmup_ratio * N), warmdown D = round(warmdown_ratio * N):
-    (step + 1) / W for step < W; 1.0 for W <= step <= N - D; then (N - step) / D of the way from
-    final_lr_frac back to 1, i.e. exactly final_lr_frac at step N. The optimizer steps are 0..N-1,
-    so the last update uses final_lr_frac + (1 - final_lr_frac) / D.
-    """
-    warmup_iters = round(warmup_ratio * num_iterations)
-    warmdown_iters = round(warmdown_ratio * num_iterations)
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
-    if step <= num_iterations - warmdown_iters:
-        return 1.0
-    remaining = (num_iterations - step) / warmdown_iters
-    return remaining + (1 - remaining) * final_lr_frac
+def load_state_keeping_hyperparameters(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state (moments, momentum buffers, step counts) under this optimizer's
+    own hyperparameters: torch's load_state_dict would also put back the saved param groups' lr,
+    initial_lr, betas, eps, weight decay and momentum schedule, silently undoing a changed config."""
+    ours = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, ours, strict=True):
+        group.update(settings)
 
 
 def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> float:

@@ -33,7 +33,7 @@ import tiktoken
 import torch
 
 from nanochat.data.corpus import atomic_path
-from nanochat.errors import UserError
+from nanochat.errors import InvalidArgument, UserError
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -179,10 +179,17 @@ def _as_list(ids) -> list[int]:
 
 def _check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= RESERVED_TOKENS:
-        raise UserError(
-            f"tokenizer.vocab_size={vocab_size!r} must be an integer above {RESERVED_TOKENS} "
-            f"(256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens)."
+        raise InvalidArgument(
+            f"{{vocab_size}} must be an integer above {RESERVED_TOKENS} "
+            f"(256 byte tokens plus {len(SPECIAL_TOKENS)} special tokens).",
+            vocab_size=vocab_size,
         )
+
+
+def _check_caps(max_chars: int, doc_cap: int) -> None:
+    for name, value in (("max_chars", max_chars), ("doc_cap", doc_cap)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InvalidArgument(f"{{{name}}} must be a positive integer.", **{name: value})
 
 
 def _capped(documents: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
@@ -201,22 +208,14 @@ def tokenizer_path(directory: str | os.PathLike, vocab_size: int) -> Path:
     return Path(directory) / f"tokenizer_{vocab_size}.json"
 
 
-def train_and_save(
-    directory: str | os.PathLike,
-    vocab_size: int,
-    corpus,
-    max_chars: int = 2_000_000_000,
-    doc_cap: int = 10_000,
-) -> Tokenizer:
+def train_and_save(directory: str | os.PathLike, vocab_size: int, corpus, max_chars: int, doc_cap: int) -> Tokenizer:
     """Trains on the corpus's train split and writes tokenizer_path(), replacing any file there.
 
     corpus must be prepared (any object with iter_documents("train")). Capping documents keeps a
     few huge documents from dominating the pair statistics.
     """
     _check_vocab_size(vocab_size)
-    for key, value in (("max_chars", max_chars), ("doc_cap", doc_cap)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"tokenizer.{key}={value!r} must be a positive integer.")
+    _check_caps(max_chars, doc_cap)
     path = tokenizer_path(directory, vocab_size)
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train(_capped(corpus.iter_documents("train"), max_chars, doc_cap), vocab_size)
@@ -225,13 +224,7 @@ def train_and_save(
     return tokenizer
 
 
-def load_or_train(
-    directory: str | os.PathLike,
-    vocab_size: int,
-    corpus,
-    max_chars: int = 2_000_000_000,
-    doc_cap: int = 10_000,
-) -> Tokenizer:
+def load_or_train(directory: str | os.PathLike, vocab_size: int, corpus, max_chars: int, doc_cap: int) -> Tokenizer:
     """Loads tokenizer_path(directory, vocab_size), or trains and saves it (see train_and_save)."""
     _check_vocab_size(vocab_size)
     path = tokenizer_path(directory, vocab_size)
@@ -245,11 +238,32 @@ def load_or_train(
     return train_and_save(directory, vocab_size, corpus, max_chars, doc_cap)
 
 
-def check_vocab_matches(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+class TokenizerSpec:
+    """The `tokenizer` config node: which tokenizer a run uses. Building it only checks the
+    arguments; load_or_train(corpus) finds tokenizer_<vocab_size>.json under `directory`, or
+    trains it there on the corpus's train split first (see train_and_save)."""
+
+    def __init__(self, vocab_size: int, directory: str, max_chars: int, doc_cap: int):
+        _check_vocab_size(vocab_size)
+        _check_caps(max_chars, doc_cap)
+        self.vocab_size = vocab_size
+        self.directory = Path(directory).expanduser()
+        self.max_chars = max_chars
+        self.doc_cap = doc_cap
+
+    def load_or_train(self, corpus) -> Tokenizer:
+        return load_or_train(self.directory, self.vocab_size, corpus, self.max_chars, self.doc_cap)
+
+    def train(self, corpus) -> Tokenizer:
+        """Train afresh, replacing the file load_or_train would find."""
+        return train_and_save(self.directory, self.vocab_size, corpus, self.max_chars, self.doc_cap)
+
+
+def check_vocab_matches(tokenizer_vocab_size: int, model_vocab_size: int) -> None:
     """Refuse a model whose embedding rows do not correspond one to one with the tokenizer's ids."""
-    if model_vocab_size != tokenizer.vocab_size:
+    if model_vocab_size != tokenizer_vocab_size:
         raise UserError(
-            f"model.vocab_size={model_vocab_size} differs from tokenizer.vocab_size={tokenizer.vocab_size}; "
+            f"model.vocab_size={model_vocab_size} differs from tokenizer.vocab_size={tokenizer_vocab_size}; "
             "leave model.vocab_size at its default, which follows the tokenizer."
         )
 
@@ -272,16 +286,12 @@ EVAL_CHARS = 10_000_000
 def main(cfg) -> None:
     """python -m nanochat.tokenizer [overrides]: retrain the tokenizer that `python train.py` with
     the same overrides would use, overwrite its file, and print its compression on validation text."""
-    from nanochat.config import (
-        instantiate_node,
-        validate,
-    )  # the command line composes Hydra configs; the library does not
+    from nanochat.assemble import check  # the command line composes Hydra configs; the library does not
 
-    validate(cfg)
-    corpus = instantiate_node(cfg.data)
+    components = check(cfg)
+    corpus = components.data
     corpus.prepare()
-    settings = cfg.tokenizer
-    tokenizer = train_and_save(settings.directory, settings.vocab_size, corpus, settings.max_chars, settings.doc_cap)
+    tokenizer = components.tokenizer.train(corpus)
     nbytes, ntokens = compression(tokenizer, _capped(corpus.iter_documents("val"), EVAL_CHARS, EVAL_CHARS))
     print(
         f"compression on the validation split: {nbytes / ntokens:.3f} bytes per token "

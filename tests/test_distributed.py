@@ -74,9 +74,9 @@ def tiny_run(data_overrides: list[str], rows: int, *extra: str) -> list[str]:
         f"trainer.device_batch_size={rows}",
         "trainer.total_batch_size=512",  # two micro-steps per update either way
         f"trainer.num_iterations={STEPS}",
-        "trainer.eval_every=10",
-        "trainer.eval_tokens=256",
-        "trainer.sample_tokens=4",
+        "eval.every=10",
+        "eval.tokens=256",
+        "sample.tokens=4",
         "logger=none",
         *extra,
     ]
@@ -99,7 +99,9 @@ def torchrun(*args: str, cwd: Path | None = None, timeout: int = 300, **launcher
     try:
         return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"torchrun did not finish within {timeout}s (ranks waiting on each other?); stderr: {expired.stderr}")
+        pytest.fail(
+            f"torchrun did not finish within {timeout}s (ranks waiting on each other?); stderr: {expired.stderr}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def runs(tmp_path_factory, data_overrides):
             run_dir = tmp_path_factory.mktemp("run")
             args = [
                 *SETUPS[setup][0],
-                f"trainer.shard_optimizer={str(shard).lower()}",
+                f"system.shard_optimizer={str(shard).lower()}",
                 f"hydra.run.dir={run_dir}",
             ]
             if processes == 1:  # one thread, as torchrun gives each rank by default
@@ -268,7 +270,7 @@ Trainer.train_step = failing_step
 
 def test_resuming_on_another_world_size_is_refused_naming_both_sizes(runs, data_overrides):
     two_ranks = runs(2, "adamw")
-    result = run_train(*tiny_run(data_overrides, 2 * ROWS_PER_RANK, f"resume={two_ranks}"))
+    result = run_train(*tiny_run(data_overrides, 2 * ROWS_PER_RANK, f"checkpoint.resume={two_ranks}"))
     assert result.returncode == 2
     assert "it was written by 2 rank(s) and this run has 1" in result.stderr
 
@@ -279,14 +281,14 @@ def test_resuming_sharded_state_without_sharding_is_refused(runs, data_overrides
         *tiny_run(
             data_overrides,
             ROWS_PER_RANK,
-            "trainer.shard_optimizer=false",
-            f"resume={sharded}",
+            "system.shard_optimizer=false",
+            f"checkpoint.resume={sharded}",
             f"hydra.run.dir={tmp_path / 'run'}",
         )
     )
     assert result.returncode != 0
     assert (
-        "its optimizer state is sharded (trainer.shard_optimizer=true) and this run has trainer.shard_optimizer=false"
+        "its optimizer state is sharded (system.shard_optimizer=true) and this run has system.shard_optimizer=false"
         in result.stderr
     )
 

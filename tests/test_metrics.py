@@ -7,7 +7,8 @@ import torch
 
 from nanochat.data_parallel import ReplicatedOptimizers
 from nanochat.metrics import LossEMA, mfu_percent
-from nanochat.trainer import TrainerConfig, resolve_num_iterations
+from nanochat.schema import TrainerConfig
+from nanochat.trainer import resolve_num_iterations
 
 
 def test_loss_ema_is_debiased_from_the_first_step():
@@ -72,7 +73,16 @@ def test_zero_max_norm_disables_clipping_but_still_measures():
 
 
 def test_run_length_prefers_explicit_steps_then_flops_then_ratio():
-    config = TrainerConfig(num_iterations=7, target_flops=1e12, target_param_data_ratio=20, total_batch_size=1000)
+    config = TrainerConfig(
+        num_iterations=7,
+        target_flops=1e12,
+        target_param_data_ratio=20,
+        total_batch_size=1000,
+        device_batch_size=1,
+        grad_clip=1.0,
+        seed=0,
+        log_every=1,
+    )
     assert resolve_num_iterations(config, flops_per_token=1e6, num_params=10_000) == 7
     config.num_iterations = -1
     assert resolve_num_iterations(config, flops_per_token=1e6, num_params=10_000) == 1000  # 1e12 / (1e6 * 1000)

@@ -12,7 +12,7 @@ def random_model(config: GPTConfig = TINY, seed: int = 0) -> GPT:
     """A model whose zero-initialised projections are re-randomised, so every path carries signal
     (with classic init the blocks are identities and the head outputs zeros)."""
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT.from_config(config)
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.2)
@@ -28,12 +28,12 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 1) -> torch.T
 def test_d20_parameter_count_matches_nanochat():
     config = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT.from_config(config)
     assert model.num_params() == 560_988_160
 
 
 def test_estimate_flops_matches_hand_computation():
-    model = GPT(TINY)
+    model = GPT.from_config(TINY)
     d, L, V, T, H = 32, 2, 64, 16, 4
     block_params = 4 * d * d + 2 * (d * 4 * d)  # q, k, v, proj + fc, proj
     non_embedding_params = L * block_params + V * d  # the lm_head counts, the embedding does not
@@ -156,12 +156,12 @@ def test_grouped_query_attention_runs_with_fewer_key_value_parameters():
 
 def test_meta_construction_then_to_empty_and_init_weights_gives_a_working_model():
     with torch.device("meta"):
-        model = GPT(TINY)
+        model = GPT.from_config(TINY)
     assert model.cos.is_meta
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     model.init_weights()
-    reference = GPT(TINY)  # built directly on the CPU, rotary tables computed eagerly
+    reference = GPT.from_config(TINY)  # built directly on the CPU, rotary tables computed eagerly
     torch.testing.assert_close(model.cos, reference.cos)
     torch.testing.assert_close(model.sin, reference.sin)
     assert torch.all(model.lm_head.weight == 0)

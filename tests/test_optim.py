@@ -1,16 +1,10 @@
 import pytest
 import torch
+from configs import build_optimizers
 
 from nanochat.model import GPT, GPTConfig
 from nanochat.muon import Muon, zeropower_via_newtonschulz5
-from nanochat.optim import (
-    adamw,
-    adamw_muon,
-    apply_schedule,
-    check_groups_cover_model,
-    lr_multiplier,
-    muon_momentum,
-)
+from nanochat.optim import apply_schedule, check_groups_cover_model, muon_momentum
 
 D4_LIKE = GPTConfig(sequence_len=32, vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -18,16 +12,16 @@ D4_LIKE = GPTConfig(sequence_len=32, vocab_size=128, n_layer=4, n_head=4, n_kv_h
 @pytest.fixture
 def model() -> GPT:
     torch.manual_seed(0)
-    return GPT(D4_LIKE)
+    return GPT.from_config(D4_LIKE)
 
 
 def group_of(optimizers, name):
     return next(g for opt in optimizers for g in opt.param_groups if g["name"] == name)
 
 
-@pytest.mark.parametrize("builder", [adamw, adamw_muon])
-def test_every_parameter_is_in_exactly_one_group(model, builder):
-    optimizers = builder(model)
+@pytest.mark.parametrize("recipe", ["adamw", "adamw_muon"])
+def test_every_parameter_is_in_exactly_one_group(model, recipe):
+    optimizers = build_optimizers(model, recipe)
     grouped = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
@@ -46,7 +40,7 @@ def test_group_check_rejects_missing_and_duplicated_parameters(model):
 
 
 def test_adamw_decays_matrices_but_not_the_token_embedding(model):
-    (optimizer,) = adamw(model, weight_decay=0.1, betas=[0.9, 0.99])
+    (optimizer,) = build_optimizers(model, "adamw", weight_decay=0.1, betas=[0.9, 0.99])
     decay, no_decay = group_of([optimizer], "decay"), group_of([optimizer], "no_decay")
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [id(p) for p in no_decay["params"]] == [id(model.transformer.wte.weight)]
@@ -55,7 +49,7 @@ def test_adamw_decays_matrices_but_not_the_token_embedding(model):
 
 
 def test_adamw_muon_splits_parameters_and_scales_adam_lrs_with_width(model):
-    adam, muon = adamw_muon(model, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
+    adam, muon = build_optimizers(model, "adamw_muon", embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
     assert isinstance(adam, torch.optim.AdamW) and isinstance(muon, Muon)
     scale = (64 / 768) ** -0.5  # about 3.46 for a 64-wide model
     embedding, unembedding = group_of([adam], "embedding"), group_of([adam], "unembedding")
@@ -138,36 +132,6 @@ def test_muon_rejects_non_matrix_parameters():
         Muon([torch.nn.Parameter(torch.zeros(4))])
 
 
-def test_lr_multiplier_without_warmup_is_one_until_warmdown_then_reaches_final_fraction():
-    # N = 100, no warmup, warmdown 20 steps (80..100), final 0.1
-    schedule = dict(num_iterations=100, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.1)
-    assert lr_multiplier(0, **schedule) == 1.0
-    assert lr_multiplier(80, **schedule) == 1.0  # N - D is the last full-lr step
-    assert lr_multiplier(81, **schedule) == pytest.approx(19 / 20 + (1 / 20) * 0.1)
-    assert lr_multiplier(90, **schedule) == pytest.approx(0.55)
-    assert lr_multiplier(99, **schedule) == pytest.approx(1 / 20 + (19 / 20) * 0.1)  # last optimizer step
-    assert lr_multiplier(100, **schedule) == pytest.approx(0.1)
-
-
-def test_lr_multiplier_warmup_is_linear_from_one_over_warmup_steps():
-    # N = 100, warmup 10 steps (0..9), warmdown 30 steps (70..100), final 0
-    schedule = dict(num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.3, final_lr_frac=0.0)
-    assert lr_multiplier(0, **schedule) == pytest.approx(0.1)
-    assert lr_multiplier(4, **schedule) == pytest.approx(0.5)
-    assert lr_multiplier(9, **schedule) == 1.0  # last warmup step already reaches full lr
-    assert lr_multiplier(10, **schedule) == 1.0
-    assert lr_multiplier(70, **schedule) == 1.0
-    assert lr_multiplier(85, **schedule) == pytest.approx(0.5)
-    assert lr_multiplier(100, **schedule) == 0.0
-
-
-def test_lr_multiplier_rounds_the_phase_lengths_to_nearest():
-    # 0.18 * 10 = 1.8 -> a 2-step warmup; 0.26 * 10 = 2.6 -> a 3-step warmdown (truncation would give 1 and 2)
-    schedule = dict(num_iterations=10, warmup_ratio=0.18, warmdown_ratio=0.26, final_lr_frac=0.0)
-    expected = [0.5, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0]
-    assert [lr_multiplier(s, **schedule) for s in range(11)] == pytest.approx(expected)
-
-
 def test_muon_momentum_warms_up_linearly_then_holds():
     assert muon_momentum(0, 0.85, 0.95, 300) == pytest.approx(0.85)
     assert muon_momentum(150, 0.85, 0.95, 300) == pytest.approx(0.90)
@@ -177,7 +141,9 @@ def test_muon_momentum_warms_up_linearly_then_holds():
 
 
 def test_apply_schedule_sets_lr_from_initial_lr_and_muon_momentum(model):
-    optimizers = adamw_muon(model, matrix_lr=0.02, momentum_start=0.85, momentum=0.95, momentum_warmup_steps=300)
+    optimizers = build_optimizers(
+        model, "adamw_muon", matrix_lr=0.02, momentum_start=0.85, momentum=0.95, momentum_warmup_steps=300
+    )
     adam, muon = optimizers
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.85)  # step 0 value at build time
     initial = [g["initial_lr"] for opt in optimizers for g in opt.param_groups]
@@ -189,11 +155,11 @@ def test_apply_schedule_sets_lr_from_initial_lr_and_muon_momentum(model):
     assert [g["lr"] for opt in optimizers for g in opt.param_groups] == pytest.approx(initial)
 
 
-@pytest.mark.parametrize("builder", [adamw, adamw_muon])
-def test_three_optimizer_steps_move_every_parameter_of_a_freshly_initialised_model(model, builder):
+@pytest.mark.parametrize("recipe", ["adamw", "adamw_muon"])
+def test_three_optimizer_steps_move_every_parameter_of_a_freshly_initialised_model(model, recipe):
     # With the zero-initialised head and output projections, gradient reaches one level deeper per
     # step: step 1 moves lm_head, step 2 the embedding and the c_proj's, step 3 everything else.
-    optimizers = builder(model)
+    optimizers = build_optimizers(model, recipe)
     before = [p.detach().clone() for p in model.parameters()]
     idx = torch.randint(0, D4_LIKE.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     for _ in range(3):

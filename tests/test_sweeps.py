@@ -11,18 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from configs import compose
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from runs import REPO, read_metrics, run_train
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
-from nanochat.config import resolved_container, validate
-from nanochat.model import GPT
-from nanochat.trainer import TrainerConfig, resolve_num_iterations
+from nanochat.assemble import check
+from nanochat.config import compose_cli
+from nanochat.trainer import resolve_num_iterations
 
 CONF_DIR = REPO / "conf"
 SWEEPS_DIR = REPO / "sweeps"
@@ -42,8 +40,8 @@ def tiny_run_overrides(data_dir: Path) -> list[str]:
         "model.sequence_len=64",
         "trainer.device_batch_size=8",
         "trainer.total_batch_size=1024",
-        "trainer.eval_tokens=2048",
-        "trainer.sample_tokens=8",
+        "eval.tokens=2048",
+        "sample.tokens=8",
         "trainer.num_iterations=3",
         "logger=none",
     ]
@@ -77,7 +75,7 @@ def test_optuna_sweep_of_two_trials_reports_the_best_val_bpb(shakespeare_data_di
     trials = []
     for job in jobs:
         config = OmegaConf.load(job / ".hydra" / "config.yaml")
-        trials.append((final_val_bpb(job), config.optimizer.lr, config.trainer.warmdown_ratio))
+        trials.append((final_val_bpb(job), config.optimizer.lr, config.schedule.warmdown_ratio))
     assert trials[0][1:] != trials[1][1:], "the sampler proposed the same trial twice"
     best_bpb, best_lr, best_warmdown = min(trials)
 
@@ -85,7 +83,7 @@ def test_optuna_sweep_of_two_trials_reports_the_best_val_bpb(shakespeare_data_di
     assert results["best_value"] == pytest.approx(best_bpb, rel=1e-9)
     assert results["best_params"] == {
         "optimizer.lr": pytest.approx(best_lr),
-        "trainer.warmdown_ratio": pytest.approx(best_warmdown),
+        "schedule.warmdown_ratio": pytest.approx(best_warmdown),
     }
     assert 1e-4 <= best_lr <= 3e-2 and 0.1 <= best_warmdown <= 0.6
 
@@ -110,10 +108,8 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process(shakespeare_data_
 
 
 @pytest.mark.parametrize("launcher, plugin", LAUNCHERS.items())
-def test_every_launcher_config_composes_onto_its_submitit_plugin(launcher, plugin, tmp_path):
-    result = train(f"hydra/launcher={launcher}", "--cfg", "hydra", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    config = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+def test_every_launcher_config_composes_onto_its_submitit_plugin(launcher, plugin):
+    config = compose_cli([f"hydra/launcher={launcher}"]).hydra.launcher
     assert config["_target_"] == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{plugin}"
     assert config["tasks_per_node"] == 1, "train.py is one process per job"
 
@@ -166,7 +162,7 @@ def test_wandb_sweep_turns_a_sampled_parameter_set_into_a_train_command_that_com
         return yaml.safe_load(result.stdout)
 
     job = OmegaConf.create(show("job"))
-    validate(job)
+    check(job)
     for key, value in values.items():
         assert OmegaConf.select(job, key) == pytest.approx(value), key
     assert job.logger.mode == "online", "an offline run never reports its val/bpb to the sweep"
@@ -174,16 +170,14 @@ def test_wandb_sweep_turns_a_sampled_parameter_set_into_a_train_command_that_com
 
 
 def compose_experiment(name: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"experiment={name}"])
+    return compose(f"experiment={name}")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_preset_composes_validates_and_changes_the_default_run(experiment):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        default = compose(config_name="config")
+    default = compose()
     cfg = compose_experiment(experiment)
-    validate(cfg)
+    check(cfg)
     assert OmegaConf.to_container(cfg) != OmegaConf.to_container(default)
 
 
@@ -191,10 +185,10 @@ def test_d20_speedrun_plans_nanochats_parameters_flops_and_steps():
     cfg = compose_experiment("d20_speedrun")
     assert cfg.data._target_.endswith("HubShardCorpus") and cfg.data.name == "fineweb_edu"
     assert cfg.optimizer._target_ == "nanochat.optim.adamw_muon"
-    with torch.device("meta"):
-        model = GPT(instantiate(cfg.model))
+    components = check(cfg)
+    model = components.model  # on the meta device
     # The figures nanochat's base_train.py prints for its d20 run.
     assert model.num_params() == 560_988_160
     assert model.estimate_flops() == pytest.approx(3.491758e9, rel=1e-6)
-    trainer = TrainerConfig(**resolved_container(cfg)["trainer"])
+    trainer = components.settings.trainer
     assert resolve_num_iterations(trainer, model.estimate_flops(), model.num_params()) == 21_400

@@ -106,7 +106,7 @@ def test_the_returned_overrides_give_train_py_these_shards_and_this_tokenizer(pu
     built.prepare()  # every shard present and a text parquet file
     assert built.files("train") == corpus.files("train") and built.files("val") == corpus.files("val")
     # As train.py builds it; a corpus with no documents makes any attempt to retrain fail loudly.
-    tokenizer = instantiate(cfg.tokenizer, corpus=None)
+    tokenizer = instantiate(cfg.tokenizer).load_or_train(corpus=None)
     assert tokenizer.fingerprint() == shakespeare_tokenizer.fingerprint()
     assert cfg.tokenizer.vocab_size == shakespeare_tokenizer.vocab_size
 

@@ -130,9 +130,12 @@ class _Docs:
         return iter(self.docs)
 
 
+CAPS = dict(max_chars=10**6, doc_cap=10**4)
+
+
 def test_load_or_train_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
     corpus = _Docs(TOY_TEXT)
-    first = load_or_train(tmp_path / "tok", 300, corpus)
+    first = load_or_train(tmp_path / "tok", 300, corpus, **CAPS)
     assert (tmp_path / "tok" / "tokenizer_300.json").exists()
     assert "trained tokenizer" in capsys.readouterr().out
 
@@ -140,7 +143,7 @@ def test_load_or_train_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
         raise AssertionError("retrained although the file exists")
 
     monkeypatch.setattr(Tokenizer, "train", no_training)
-    second = load_or_train(tmp_path / "tok", 300, corpus)
+    second = load_or_train(tmp_path / "tok", 300, corpus, **CAPS)
     assert second.fingerprint() == first.fingerprint()
     assert capsys.readouterr().out == ""
 
@@ -161,8 +164,8 @@ def test_load_or_train_caps_documents(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("vocab_size", [0, 265, 100.5, "4096"])
 def test_vocab_size_validated(tmp_path, vocab_size):
-    with pytest.raises(UserError, match="tokenizer.vocab_size"):
-        load_or_train(tmp_path, vocab_size, _Docs(TOY_TEXT))
+    with pytest.raises(UserError, match=f"^vocab_size={vocab_size} must be an integer above 265"):
+        load_or_train(tmp_path, vocab_size, _Docs(TOY_TEXT), **CAPS)
 
 
 def test_vocab_too_large_for_text():

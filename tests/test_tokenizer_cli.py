@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from configs import compose
 
+from nanochat.assemble import check
 from nanochat.data.local import LocalCorpus
 from nanochat.errors import UserError
 from nanochat.tokenizer import Tokenizer, check_vocab_matches, compression, tokenizer_path, train_and_save
@@ -61,7 +63,7 @@ def test_cli_bad_config_is_one_sentence(tmp_path):
     result = tokenizer_cli("data=local", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: data.path is not set; point it at a folder of .txt, .jsonl or .parquet files."
+        "error: data.path needs a value (it is ??? in the YAML): set data.path=<value>."
     ]
 
 
@@ -73,9 +75,9 @@ def test_compression_counts_utf8_bytes_and_no_specials(shakespeare_tokenizer):
 
 
 def test_model_vocab_must_match_the_tokenizer(shakespeare_tokenizer):
-    check_vocab_matches(shakespeare_tokenizer, 512)
+    check_vocab_matches(shakespeare_tokenizer.vocab_size, 512)
     with pytest.raises(UserError) as error:
-        check_vocab_matches(shakespeare_tokenizer, 65536)
+        check_vocab_matches(shakespeare_tokenizer.vocab_size, 65536)
     assert str(error.value) == (
         "model.vocab_size=65536 differs from tokenizer.vocab_size=512; "
         "leave model.vocab_size at its default, which follows the tokenizer."
@@ -84,5 +86,8 @@ def test_model_vocab_must_match_the_tokenizer(shakespeare_tokenizer):
 
 @pytest.mark.parametrize("key, value", [("max_chars", 0), ("doc_cap", -1)])
 def test_caps_must_be_positive(tmp_path, key, value):
+    caps = {"max_chars": 1000, "doc_cap": 100, key: value}
+    with pytest.raises(UserError, match=rf"^{key}={value} must be a positive integer.$"):
+        train_and_save(tmp_path, 300, corpus=None, **caps)
     with pytest.raises(UserError, match=rf"^tokenizer.{key}={value} must be a positive integer.$"):
-        train_and_save(tmp_path, 300, corpus=None, **{key: value})
+        check(compose(f"tokenizer.{key}={value}"))

@@ -152,6 +152,10 @@ class TokenLoader:
             **self._stream_identity(),
         }
 
+    def continues(self, state: dict) -> bool:
+        """Whether a saved position belongs to this loader's token stream (same files, seed, ranks)."""
+        return all(state.get(key) == mine for key, mine in self._stream_identity().items())
+
     def load_state_dict(self, state: dict) -> None:
         """Resumes at the position state_dict() recorded; the stream must be the same one."""
         for key, mine in self._stream_identity().items():

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
-from nanochat.model import GPT, GPTConfig
-from nanochat.optim import adamw_muon
+from nanochat.config import build, compose_cli
+from nanochat.model import GPT
 
 
 def main() -> None:
@@ -27,10 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     width = 64 * args.depth
     heads = -(-width // 128)
-    model = GPT(
-        GPTConfig(sequence_len=64, vocab_size=65536, n_layer=args.depth, n_head=heads, n_kv_head=heads, n_embd=width)
-    )
-    optimizers = adamw_muon(model)
+    model = GPT(sequence_len=64, vocab_size=65536, n_layer=args.depth, n_head=heads, n_kv_head=heads, n_embd=width)
+    optimizers = build("optimizer", compose_cli(["optimizer=adamw_muon"]).optimizer)(model)
     model(torch.randint(0, 65536, (1, 64)), torch.randint(0, 65536, (1, 64))).backward()
     for optimizer in optimizers:
         optimizer.step()

@@ -9,7 +9,7 @@
      - `python train.py` with OMP_NUM_THREADS=1, then with OMP_NUM_THREADS=2;
      - `python -m torch.distributed.run --standalone --nproc_per_node=2 train.py` with
        device_batch_size halved (same tokens per step, no grad accumulation either way), with
-       trainer.shard_optimizer=true (ZeRO-2) and =false (plain DDP). torchrun sets
+       system.shard_optimizer=true (ZeRO-2) and =false (plain DDP). torchrun sets
        OMP_NUM_THREADS=1 per worker when it is unset; it is set to 1 explicitly here.
    For each it prints the median train/tok_per_sec of metrics.jsonl over the steps after the first
    10 (tok/s counts every rank's tokens), and the ratios. On a 2-core CPU, 2 processes x 1 thread
@@ -89,16 +89,16 @@ def throughput(steps: int, batch: int, optimizer: str, model: str, repeats: int)
         "logger=none",
         f"trainer.num_iterations={steps}",
         f"trainer.total_batch_size={tokens_per_step}",
-        "trainer.eval_every=100000",  # evaluations only at step 0 and at the end, outside the timed steps
-        f"trainer.eval_tokens={tokens_per_step}",  # one evaluation batch
-        "trainer.peak_flops=1e12",  # skip the CPU peak measurement: MFU is not what is measured here
+        "eval.every=100000",  # evaluations only at step 0 and at the end, outside the timed steps
+        f"eval.tokens={tokens_per_step}",  # one evaluation batch
+        "system.peak_flops=1e12",  # skip the CPU peak measurement: MFU is not what is measured here
     ]
     whole, half = f"trainer.device_batch_size={batch}", f"trainer.device_batch_size={batch // 2}"
     runs = [  # name, processes, OMP_NUM_THREADS per process, overrides
         ("1 process x 1 thread", 1, 1, [whole]),
         ("1 process x 2 threads", 1, 2, [whole]),
-        ("2 processes x 1 thread, ZeRO-2", 2, 1, [half, "trainer.shard_optimizer=true"]),
-        ("2 processes x 1 thread, DDP", 2, 1, [half, "trainer.shard_optimizer=false"]),
+        ("2 processes x 1 thread, ZeRO-2", 2, 1, [half, "system.shard_optimizer=true"]),
+        ("2 processes x 1 thread, DDP", 2, 1, [half, "system.shard_optimizer=false"]),
     ]
     print(
         f"throughput: {model}, optimizer={optimizer}, {batch} x {sequence_len} = {tokens_per_step:,} tokens per "

@@ -131,7 +131,13 @@ def prepare(cache_dir: Path, megabytes: int, tokenizer_megabytes: int) -> tuple[
                     yield text
 
     print(f"tokenizer: vocab {VOCAB_SIZE:,} trained on {tokenizer_megabytes} MB (cached) ...", flush=True)
-    tokenizer = load_or_train(data_dir / f"tokenizer_{tokenizer_megabytes}mb", VOCAB_SIZE, FirstDocuments())
+    tokenizer = load_or_train(
+        data_dir / f"tokenizer_{tokenizer_megabytes}mb",
+        VOCAB_SIZE,
+        FirstDocuments(),
+        max_chars=2 * 10**9,
+        doc_cap=10_000,
+    )
     return files, tokenizer
 
 

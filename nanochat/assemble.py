@@ -1,0 +1,256 @@
+"""From a composed config to a run ready to train: every component built from its `_target_`, the
+data and tokenizer prepared, the checkpoint to start from restored, the tracker started.
+
+    check(cfg)                       cheap: the schema, every component built (the model on the meta
+                                     device), the rules between nodes; a mistake is one UserError
+    assemble(cfg, run_dir, ...)      check, plan the resume, then do the work: Run.fit() trains
+
+train.py calls both (check first for every job of the command line, before Hydra makes a run dir);
+tests call them in-process on configs composed with nanochat.config.compose_cli. Under torchrun
+every rank runs assemble(); see nanochat/distributed.py for together() and main_first().
+"""
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from nanochat.checkpoint import (
+    Checkpoint,
+    check_layout_matches,
+    check_model_matches,
+    check_tokenizer_matches,
+    load_newest_readable,
+)
+from nanochat.config import build, check_command_line, resolved, without_hydra
+from nanochat.data.loader import TokenLoader
+from nanochat.data_parallel import shards_state
+from nanochat.device import peak_flops, resolve_device, resolve_dtype
+from nanochat.distributed import (
+    broadcast_,
+    check_same_config,
+    is_main,
+    launch_command,
+    main_first,
+    rank,
+    together,
+    world_size,
+)
+from nanochat.errors import UserError, named_as
+from nanochat.interface import LanguageModel
+from nanochat.resume import ResumePlan, plan_resume, record_invocation
+from nanochat.schema import Settings, check_config
+from nanochat.tokenizer import check_vocab_matches
+from nanochat.tracking import SilentTracker
+from nanochat.trainer import Trainer
+
+
+@dataclass
+class Components:
+    """What check() built: cheap objects, nothing allocated, downloaded or opened yet."""
+
+    config: dict  # the resolved config, as plain containers
+    settings: Settings
+    model: LanguageModel  # on the meta device
+    optimizer: object  # builder(model) -> list of torch optimizers
+    schedule: object  # schedule(step, num_iterations) -> lr multiplier
+    data: object  # a corpus (nanochat/data/corpus.py ParquetCorpus)
+    tokenizer: object  # nanochat.tokenizer.TokenizerSpec
+    logger: object  # nanochat.tracking.Tracker, not started
+
+
+def check(cfg: DictConfig, world_size: int = 1) -> Components:
+    """Validate the composed config for world_size data-parallel ranks; UserError names the first
+    offending key and value."""
+    config = resolved(cfg)
+    check_config(config)
+    with torch.device("meta"):
+        model = build("model", cfg.model)
+    if not isinstance(model, LanguageModel):
+        raise UserError(
+            f"model._target_={cfg.model._target_} does not build a language model with the interface of "
+            "nanochat/interface.py (sequence_len, width, init_weights, param_groups, num_params, estimate_flops, "
+            "forward, generate)."
+        )
+    optimizer = build("optimizer", cfg.optimizer)
+    with named_as("optimizer"):
+        optimizer(model)  # the builder checks its arguments, on the meta model
+    components = Components(
+        config=config,
+        settings=Settings.from_config(config),
+        model=model,
+        optimizer=optimizer,
+        schedule=build("schedule", cfg.schedule),
+        data=build("data", cfg.data),
+        tokenizer=build("tokenizer", cfg.tokenizer),
+        logger=build("logger", cfg.logger),
+    )
+    _check_across_nodes(components, world_size)
+    return components
+
+
+def _check_across_nodes(c: Components, world_size: int) -> None:
+    trainer, sequence_len = c.settings.trainer, c.model.sequence_len
+    tokens_per_micro_step = trainer.device_batch_size * sequence_len * world_size
+    if trainer.total_batch_size % tokens_per_micro_step:
+        raise UserError(
+            f"trainer.total_batch_size={trainer.total_batch_size} is not divisible by device_batch_size x "
+            f"sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size}."
+        )
+    if c.settings.eval.tokens < tokens_per_micro_step:
+        raise UserError(
+            f"eval.tokens={c.settings.eval.tokens} is smaller than one evaluation batch: device_batch_size "
+            f"x sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size} "
+            f"= {tokens_per_micro_step} tokens."
+        )
+    model_vocab = c.config["model"].get("vocab_size")  # a model that names its vocabulary so
+    if model_vocab is not None:
+        check_vocab_matches(c.tokenizer.vocab_size, model_vocab)
+    device = c.settings.system.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("system.device=cuda was asked for, but PyTorch sees no CUDA device on this machine.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("system.device=mps was asked for, but PyTorch sees no MPS device on this machine.")
+
+
+def preflight(cfg: DictConfig, run_dir: Path | None, world_size: int = 1) -> None:
+    """Everything train.py checks before Hydra starts a job: check(cfg), and for a single run whose
+    dir holds checkpoints, that continuing it is allowed (run_dir None: a sweep job, checked when it starts)."""
+    components = check(cfg, world_size)
+    if run_dir is not None:
+        plan_resume(components.config, run_dir)
+
+
+def check_jobs(argv: list[str], world_size: int = 1) -> None:
+    """preflight() for every job the command line argv (train.py's) would run, before Hydra starts."""
+    check_command_line(argv, lambda cfg, run_dir: preflight(without_hydra(cfg), run_dir, world_size))
+
+
+class Run:
+    """An assembled training run: fit() trains it and closes its tracker."""
+
+    def __init__(self, trainer: Trainer, tracker):
+        self.trainer = trainer
+        self.tracker = tracker
+
+    def fit(self) -> dict:
+        try:
+            return self.trainer.fit()
+        finally:
+            self.tracker.finish()
+
+
+def _prepare_data(components: Components):
+    """The corpus on disk and its tokenizer: downloaded, converted or trained on first use."""
+    corpus = components.data
+    corpus.prepare()
+    for name, bpb in corpus.compression_baselines().items():
+        print(f"reference on this validation text: {name} {bpb:.3f} bits per byte")
+    return corpus, components.tokenizer.load_or_train(corpus)
+
+
+def _describe_start(plan: ResumePlan, checkpoint: Checkpoint) -> str:
+    what = "continuing this run" if plan.continuing else "starting a new run"
+    if not plan.differences:
+        return f"resumed from {checkpoint.path} at step {checkpoint.step} ({what}, same config)"
+    return (
+        f"resumed from {checkpoint.path} at step {checkpoint.step} ({what} with this run's settings); the config "
+        f"differs from the checkpoint's in {plan.describe_differences()}"
+    )
+
+
+def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sweep_group: str | None = None) -> Run:
+    """Build the run cfg describes in run_dir (the job's overrides are kept as W&B tags, in the
+    resume hint and in invocations.jsonl); every rank calls this under torchrun."""
+    run_dir = Path(run_dir)
+    overrides = list(overrides)
+    ranks = world_size()
+    with together("checking the config"):
+        components = check(cfg, ranks)
+    config, settings = components.config, components.settings
+    check_same_config(config)
+    if settings.system.quiet_ranks and not is_main():
+        sys.stdout = open(os.devnull, "w")
+    with together("looking for the checkpoint to resume from"):
+        plan = plan_resume(config, run_dir)
+    checkpoint = load_newest_readable(plan.candidates)
+    model_differences = ", ".join(
+        f"{key} ({saved} in the checkpoint, {now} now)"
+        for key, saved, now in plan.differences
+        if key.startswith("model.")
+    )
+    with together("checking the checkpoint"):
+        if checkpoint is not None:
+            check_layout_matches(checkpoint, ranks, shards_state(settings.system.shard_optimizer, ranks))
+            check_model_matches(checkpoint, components.model, model_differences)
+    device = resolve_device(settings.system.device)
+    dtype = resolve_dtype(settings.system.dtype, device)
+    torch.manual_seed(settings.trainer.seed)
+
+    corpus, tokenizer = main_first("preparing the data and the tokenizer", lambda: _prepare_data(components))
+    tokenizer_identity = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
+    with together("building the model, the optimizers and the data loaders"):
+        if checkpoint is not None:
+            check_tokenizer_matches(checkpoint, tokenizer_identity)
+        model = components.model
+        model.to_empty(device=device)
+        model.init_weights()
+        optimizers = components.optimizer(model)
+        batch = dict(
+            tokenizer=tokenizer,
+            batch_size=settings.trainer.device_batch_size,
+            sequence_len=model.sequence_len,
+            rank=rank(),
+            world_size=ranks,
+        )
+        train_loader = TokenLoader(corpus.files("train"), seed=settings.trainer.seed, **batch)
+        make_val_batches = lambda: TokenLoader(corpus.files("val"), shuffle=False, loop=False, **batch)  # noqa: E731
+        # Only rank 0 logs: one metrics.jsonl and one W&B run per run dir.
+        tracker = SilentTracker()
+        if is_main():
+            continuing = checkpoint is not None and plan.continuing
+            tracker = components.logger.start(
+                run_dir=run_dir,
+                run_config=config,
+                run_id=checkpoint.meta["wandb_run_id"] if continuing else None,
+                log_offsets=checkpoint.meta["log_offsets"] if continuing else None,
+                overrides=overrides,
+                default_group=sweep_group,
+            )
+    broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
+    peak, peak_note = peak_flops(device, dtype, settings.system.peak_flops)
+    print(peak_note)
+    with together("restoring the checkpoint"):
+        trainer = Trainer(
+            settings,
+            model,
+            optimizers,
+            components.schedule,
+            train_loader,
+            make_val_batches,
+            tokenizer,
+            tracker,
+            run_dir,
+            device,
+            dtype,
+            peak,
+            checkpoint_meta={"config": config, "tokenizer": tokenizer_identity},
+            resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
+            world_size=ranks,
+        )
+        if checkpoint is not None:
+            same_data = checkpoint.meta["config"].get("data") == config["data"] and train_loader.continues(
+                checkpoint.payload["trainer"]["loader"]
+            )
+            trainer.restore(checkpoint, data_position=same_data)
+            print(_describe_start(plan, checkpoint))
+            if not same_data:
+                print("the data differs from the checkpoint's: reading it from the start")
+    if is_main():
+        record_invocation(run_dir, overrides, plan, checkpoint, ranks)
+    print(trainer.describe())
+    return Run(trainer, tracker)
