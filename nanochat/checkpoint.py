@@ -6,6 +6,7 @@
                                buffers), when the optimizer state is replicated
         optimizers.rank<r>.pt  rank r's optimizer shard, when it is sharded (ZeRO-2)
         trainer.rank<r>.pt     rank r's data loader position and RNG states
+        tokenizer.json         the run's tokenizer (plain data), so the checkpoint is usable on its own
         meta.json              step, world size, resolved config, tokenizer identity, loss EMA, W&B run id, ...
         COMPLETE               the commit marker, written last
 
@@ -35,6 +36,7 @@ from nanochat.errors import UserError
 
 COMMIT_MARKER = "COMPLETE"
 META = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
 PREFIX = "step_"
 
 
@@ -72,9 +74,11 @@ def save_checkpoint(
     meta: dict,
     keep_last: int,
     rank_payload: dict[str, Any] | None = None,
+    texts: dict[str, str] | None = None,
 ) -> Path:
     """Write payload (each entry as <name>.pt, by rank 0), every rank's rank_payload (as
-    <name>.rank<r>.pt) and meta atomically; keep the newest keep_last. Every rank calls this."""
+    <name>.rank<r>.pt), texts (file name -> contents, by rank 0) and meta atomically; keep the
+    newest keep_last. Every rank calls this."""
     checkpoint_dir = Path(checkpoint_dir)
     rank_payload = rank_payload or {}
     final = checkpoint_dir / checkpoint_name(step)
@@ -92,6 +96,9 @@ def save_checkpoint(
             torch.save(obj, staging / file_name)
         written = [staging / file_name for file_name in files]
         if is_main():
+            for file_name, text in (texts or {}).items():
+                (staging / file_name).write_text(text, encoding="utf-8")
+                written.append(staging / file_name)
             (staging / META).write_text(json.dumps({"step": step, "world_size": world_size(), **meta}, indent=1))
             written.append(staging / META)
         for path in written:
@@ -152,8 +159,9 @@ class UnreadableCheckpointFile(Exception):
         self.cause = cause
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
-    """The shared files and this rank's own; payload keys drop the .rank<r> suffix."""
+def load_checkpoint(path: str | Path, map_location="cpu", names: tuple[str, ...] | None = None) -> Checkpoint:
+    """The shared files and this rank's own; payload keys drop the .rank<r> suffix. names: only
+    these payload entries (e.g. ("model",) for inference), else all."""
     path = Path(path)
 
     def read(file: Path, load):
@@ -167,7 +175,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
     payload = {
         file.stem.removesuffix(mine): read(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
         for file in sorted(path.glob("*.pt"))
-        if ".rank" not in file.stem or file.stem.endswith(mine)
+        if (".rank" not in file.stem or file.stem.endswith(mine))
+        and (names is None or file.stem.removesuffix(mine) in names)
     }
     return Checkpoint(path, payload, meta)
 
@@ -183,9 +192,15 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
         return []
     if resume == "auto":
         return complete_checkpoints(run_dir / "checkpoints")[::-1]
-    path = Path(resume).expanduser()
+    return checkpoints_at(resume, f"checkpoint.resume={resume}")
+
+
+def checkpoints_at(location: str | Path, named_as: str) -> list[Path]:
+    """The complete checkpoints a path holds, newest first: a checkpoint folder, a checkpoints dir
+    or a run dir. named_as is how a refusal names the path (a config key, or the path itself)."""
+    path = Path(location).expanduser()
     if not path.exists():
-        raise UserError(f"checkpoint.resume={resume} does not exist.")
+        raise UserError(f"{named_as} does not exist.")
     if is_complete(path):
         return [path]
     for folder in (path, path / "checkpoints"):
@@ -193,16 +208,18 @@ def resume_candidates(resume: str, run_dir: Path) -> list[Path]:
         if found:
             return found[::-1]
     raise UserError(
-        f"checkpoint.resume={resume} holds no complete checkpoint (a {PREFIX}NNNNNN folder with its {COMMIT_MARKER} marker)."
+        f"{named_as} holds no complete checkpoint (a {PREFIX}NNNNNN folder with its {COMMIT_MARKER} marker)."
     )
 
 
-def load_newest_readable(candidates: list[Path], map_location="cpu") -> Checkpoint | None:
+def load_newest_readable(
+    candidates: list[Path], map_location="cpu", names: tuple[str, ...] | None = None
+) -> Checkpoint | None:
     """Load the newest candidate that reads on every rank; warn about each corrupt one skipped on
     the way. Every rank calls this with the same candidates."""
     for path in candidates:
         try:
-            checkpoint, problem = load_checkpoint(path, map_location), None
+            checkpoint, problem = load_checkpoint(path, map_location, names), None
         except UnreadableCheckpointFile as error:
             checkpoint, problem = None, f"checkpoint file {error.path} is unreadable ({type(error.cause).__name__})"
         problems = [p for p in all_gather_object(problem) if p is not None]

@@ -150,10 +150,14 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
         }
 
+    def to_json(self) -> str:
+        """The tokenizer as plain data (merge ranks and special tokens), never a pickle."""
+        return json.dumps(self._to_dict())
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the tokenizer as JSON, atomically: a killed process leaves no partial file."""
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self._to_dict()), encoding="utf-8")
+            tmp.write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

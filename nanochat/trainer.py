@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.checkpoint import Checkpoint, remove_stale_temporaries, save_checkpoint
+from nanochat.checkpoint import TOKENIZER_FILE, Checkpoint, remove_stale_temporaries, save_checkpoint
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
 from nanochat.device import autocast, synchronize
 from nanochat.distributed import all_reduce_sum_, is_main, rank
@@ -188,7 +188,8 @@ class Trainer:
             "log_offsets": self.tracker.offsets(),
         }
         keep_last = self.settings.checkpoint.keep_last
-        return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, keep_last, per_rank)
+        texts = {TOKENIZER_FILE: self.tokenizer.to_json()}
+        return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, keep_last, per_rank, texts)
 
     def restore(self, checkpoint: Checkpoint, data_position: bool = True) -> None:
         """Continue from a checkpoint written by save(): the next update is checkpoint.step. The

@@ -7,7 +7,7 @@ SIGTERM then SIGCONT), and so the signal lands at that point however loaded the 
     NANOCHAT_PAUSE_BEFORE_STEP=s   just before update s starts (updates 0..s-1 are logged, and saved
                                    where save_every says so)
     NANOCHAT_PAUSE_AT_FSYNC=k      at the k-th fsync of a checkpoint file, i.e. inside a checkpoint
-                                   write (7 per single-process save: 4 files, the marker, the folder,
+                                   write (8 per single-process save: 5 files, the marker, the folder,
                                    then the parent after the rename)
     NANOCHAT_PAUSE_RANK=r          under torchrun, only rank r pauses (default 0); it writes its pid
                                    to $NANOCHAT_PAUSE_PID_FILE first
@@ -53,8 +53,8 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
-FSYNCS_PER_SAVE = 7
-FSYNCS_BEFORE_RENAME = 6
+FSYNCS_PER_SAVE = 8
+FSYNCS_BEFORE_RENAME = 7
 
 
 def launcher() -> list[str]:
