@@ -19,16 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from nanochat.checkpoint import (
-    Checkpoint,
-    check_layout_matches,
-    check_model_matches,
-    check_tokenizer_matches,
-    load_newest_readable,
-)
+from nanochat.checkpoint import Checkpoint, check_model_matches, check_tokenizer_matches, load_newest_readable
 from nanochat.config import build, check_command_line, resolved, without_hydra
-from nanochat.data.loader import TokenLoader
-from nanochat.data_parallel import shards_state
+from nanochat.data.loader import LaneLoader, ValidationRows
 from nanochat.device import peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
     broadcast_,
@@ -43,6 +36,7 @@ from nanochat.distributed import (
 from nanochat.errors import UserError, named_as
 from nanochat.interface import LanguageModel
 from nanochat.resume import ResumePlan, plan_resume, record_invocation
+from nanochat.run_dir import RunDirLock, check_creatable, check_not_in_use
 from nanochat.schema import Settings, check_config
 from nanochat.tokenizer import check_vocab_matches
 from nanochat.tracking import SilentTracker
@@ -101,11 +95,9 @@ def _check_across_nodes(c: Components, world_size: int) -> None:
             f"trainer.total_batch_size={trainer.total_batch_size} is not divisible by device_batch_size x "
             f"sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size}."
         )
-    if c.settings.eval.tokens < tokens_per_micro_step:
+    if c.settings.eval.tokens < sequence_len:
         raise UserError(
-            f"eval.tokens={c.settings.eval.tokens} is smaller than one evaluation batch: device_batch_size "
-            f"x sequence_len x world_size = {trainer.device_batch_size} x {sequence_len} x {world_size} "
-            f"= {tokens_per_micro_step} tokens."
+            f"eval.tokens={c.settings.eval.tokens} is less than one row of model.sequence_len={sequence_len} tokens."
         )
     model_vocab = c.config["model"].get("vocab_size")  # a model that names its vocabulary so
     if model_vocab is not None:
@@ -122,6 +114,8 @@ def preflight(cfg: DictConfig, run_dir: Path | None, world_size: int = 1) -> Non
     dir holds checkpoints, that continuing it is allowed (run_dir None: a sweep job, checked when it starts)."""
     components = check(cfg, world_size)
     if run_dir is not None:
+        check_creatable(run_dir, "hydra.run.dir")
+        check_not_in_use(run_dir)
         plan_resume(components.config, run_dir)
 
 
@@ -131,17 +125,20 @@ def check_jobs(argv: list[str], world_size: int = 1) -> None:
 
 
 class Run:
-    """An assembled training run: fit() trains it and closes its tracker."""
+    """An assembled training run: fit() trains it, then closes its tracker and frees its run dir."""
 
-    def __init__(self, trainer: Trainer, tracker):
+    def __init__(self, trainer: Trainer, tracker, lock: RunDirLock | None):
         self.trainer = trainer
         self.tracker = tracker
+        self.lock = lock
 
     def fit(self) -> dict:
         try:
             return self.trainer.fit()
         finally:
             self.tracker.finish()
+            if self.lock is not None:
+                self.lock.release()
 
 
 def _prepare_data(components: Components):
@@ -167,10 +164,20 @@ def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sw
     """Build the run cfg describes in run_dir (the job's overrides are kept as W&B tags, in the
     resume hint and in invocations.jsonl); every rank calls this under torchrun."""
     run_dir = Path(run_dir)
-    overrides = list(overrides)
-    ranks = world_size()
     with together("checking the config"):
-        components = check(cfg, ranks)
+        components = check(cfg, world_size())
+    with together("taking the run dir"):
+        lock = RunDirLock(run_dir) if is_main() else None  # one live run per run dir
+    try:
+        return _assemble(components, run_dir, list(overrides), sweep_group, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep_group: str | None, lock) -> Run:
+    ranks = world_size()
     config, settings = components.config, components.settings
     check_same_config(config)
     if settings.system.quiet_ranks and not is_main():
@@ -185,7 +192,6 @@ def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sw
     )
     with together("checking the checkpoint"):
         if checkpoint is not None:
-            check_layout_matches(checkpoint, ranks, shards_state(settings.system.shard_optimizer, ranks))
             check_model_matches(checkpoint, components.model, model_differences)
     device = resolve_device(settings.system.device)
     dtype = resolve_dtype(settings.system.dtype, device)
@@ -200,15 +206,20 @@ def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sw
         model.to_empty(device=device)
         model.init_weights()
         optimizers = components.optimizer(model)
-        batch = dict(
-            tokenizer=tokenizer,
-            batch_size=settings.trainer.device_batch_size,
-            sequence_len=model.sequence_len,
-            rank=rank(),
-            world_size=ranks,
+        loop, sequence_len = settings.trainer, model.sequence_len
+        rows_per_step = loop.total_batch_size // sequence_len  # one lane each (see LaneLoader)
+        rows_per_rank = rows_per_step // ranks
+        train_loader = LaneLoader(
+            corpus.files("train"),
+            tokenizer,
+            num_lanes=rows_per_step,
+            lanes=range(rank() * rows_per_rank, (rank() + 1) * rows_per_rank),
+            batch_size=loop.device_batch_size,
+            sequence_len=sequence_len,
+            seed=loop.seed,
         )
-        train_loader = TokenLoader(corpus.files("train"), seed=settings.trainer.seed, **batch)
-        make_val_batches = lambda: TokenLoader(corpus.files("val"), shuffle=False, loop=False, **batch)  # noqa: E731
+        validation = ValidationRows(corpus.files("val"), tokenizer, settings.eval.tokens // sequence_len, sequence_len)
+        make_val_batches = lambda: validation.batches(rank(), ranks, loop.device_batch_size)  # noqa: E731
         # Only rank 0 logs: one metrics.jsonl and one W&B run per run dir.
         tracker = SilentTracker()
         if is_main():
@@ -243,14 +254,11 @@ def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sw
             world_size=ranks,
         )
         if checkpoint is not None:
-            same_data = checkpoint.meta["config"].get("data") == config["data"] and train_loader.continues(
-                checkpoint.payload["trainer"]["loader"]
-            )
-            trainer.restore(checkpoint, data_position=same_data)
+            restored_data = trainer.restore(checkpoint, same_data=checkpoint.meta["config"]["data"] == config["data"])
             print(_describe_start(plan, checkpoint))
-            if not same_data:
+            if not restored_data:
                 print("the data differs from the checkpoint's: reading it from the start")
     if is_main():
         record_invocation(run_dir, overrides, plan, checkpoint, ranks)
     print(trainer.describe())
-    return Run(trainer, tracker)
+    return Run(trainer, tracker, lock)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from nanochat.distributed import all_gather_object, broadcast_object, is_main, rank, together, world_size
+from nanochat.distributed import all_gather_object, broadcast_object, is_main, lost_peer, rank, together, world_size
 from nanochat.errors import UserError
 
 COMMIT_MARKER = "COMPLETE"
@@ -83,32 +83,45 @@ def save_checkpoint(
     rank_payload = rank_payload or {}
     final = checkpoint_dir / checkpoint_name(step)
     staging = checkpoint_dir / f".{final.name}.tmp-{broadcast_object(os.getpid())}"
-    with together("creating a checkpoint folder"):
+    try:
+        with together("creating a checkpoint folder"):
+            if is_main():
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+        with together(f"writing checkpoint {final}"):
+            files = {rank_file(name, rank()): obj for name, obj in rank_payload.items()}
+            if is_main():
+                files.update({f"{name}.pt": obj for name, obj in payload.items()})
+            for file_name, obj in files.items():
+                torch.save(obj, staging / file_name)
+            written = [staging / file_name for file_name in files]
+            if is_main():
+                for file_name, text in (texts or {}).items():
+                    (staging / file_name).write_text(text, encoding="utf-8")
+                    written.append(staging / file_name)
+                (staging / META).write_text(json.dumps({"step": step, "world_size": world_size(), **meta}, indent=1))
+                written.append(staging / META)
+            for path in written:
+                _fsync(path)
+        with together(f"committing checkpoint {final}"):
+            if is_main():
+                _commit(staging, final, [rank_file(name, r) for name in rank_payload for r in range(world_size())])
+                for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+                    shutil.rmtree(old)
+    except (OSError, RuntimeError, UserError) as error:  # torch.save reports a full disk as RuntimeError
         if is_main():
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-    with together(f"writing checkpoint {final}"):
-        files = {rank_file(name, rank()): obj for name, obj in rank_payload.items()}
-        if is_main():
-            files.update({f"{name}.pt": obj for name, obj in payload.items()})
-        for file_name, obj in files.items():
-            torch.save(obj, staging / file_name)
-        written = [staging / file_name for file_name in files]
-        if is_main():
-            for file_name, text in (texts or {}).items():
-                (staging / file_name).write_text(text, encoding="utf-8")
-                written.append(staging / file_name)
-            (staging / META).write_text(json.dumps({"step": step, "world_size": world_size(), **meta}, indent=1))
-            written.append(staging / META)
-        for path in written:
-            _fsync(path)
-    with together(f"committing checkpoint {final}"):
-        if is_main():
-            _commit(staging, final, [rank_file(name, r) for name in rank_payload for r in range(world_size())])
-            for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
-                shutil.rmtree(old)
+        if isinstance(error, UserError) or lost_peer(error):
+            raise
+        raise UserError(f"cannot write checkpoint {final} ({_reason(error)}); the checkpoints before it are intact.") from None
     return final
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error).strip().splitlines()[0]
 
 
 def _commit(staging: Path, final: Path, rank_files: list[str]) -> None:
@@ -232,22 +245,17 @@ def load_newest_readable(
     return None
 
 
-def check_layout_matches(checkpoint: Checkpoint, ranks: int, sharded_optimizer: bool) -> None:
-    """Refuse a checkpoint whose per-rank files were written for another number of ranks or another
-    optimizer layout: its loader positions and optimizer shards would not map onto this run's ranks."""
-    saved_world = checkpoint.meta["world_size"]
-    if saved_world != ranks:
-        raise UserError(
-            f"cannot resume from {checkpoint.path}: it was written by {saved_world} rank(s) and this run has "
-            f"{ranks}; resume with torchrun on {saved_world} rank(s), or start afresh with checkpoint.resume=none."
-        )
-    saved_sharded = checkpoint.meta["sharded_optimizer"]
-    if saved_sharded != sharded_optimizer:
-        raise UserError(
-            f"cannot resume from {checkpoint.path}: its optimizer state is "
-            f"{'sharded' if saved_sharded else 'replicated'} (system.shard_optimizer={str(saved_sharded).lower()}) "
-            f"and this run has system.shard_optimizer={str(sharded_optimizer).lower()}; resume with the same setting."
-        )
+def load_rank_files(checkpoint: Checkpoint, name: str) -> list:
+    """Every rank's <name>.rank<r>.pt of a checkpoint, in rank order: what a run on another number
+    of ranks, or with another optimizer layout, re-splits (see Trainer.restore)."""
+    files = [checkpoint.path / rank_file(name, r) for r in range(checkpoint.meta["world_size"])]
+    loaded = []
+    for file in files:
+        try:
+            loaded.append(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as error:  # whatever a damaged file raises, name the file
+            raise UserError(f"cannot read {file} ({type(error).__name__}: {error}).") from None
+    return loaded
 
 
 def check_model_matches(checkpoint: Checkpoint, model: torch.nn.Module, model_differences: str) -> None:

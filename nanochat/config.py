@@ -6,6 +6,7 @@ This is the only library module that imports Hydra; components take plain argume
 """
 
 import itertools
+import os
 import re
 import shutil
 import sys
@@ -143,6 +144,12 @@ def check_command_line(argv: list[str], check: Callable[[DictConfig, Path | None
     if sweeps and not args.multirun:
         key = next(iter(sweeps))
         raise UserError(f"{key} has several values ({', '.join(sweeps[key])}): sweeps need -m (--multirun).")
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and not any(o.get_key_element().lstrip("+") == "hydra.run.dir" for o in parsed):
+        raise UserError(
+            f"torchrun --max-restarts={restarts} needs a fixed hydra.run.dir=<dir>: a restarted job resumes from the "
+            "checkpoints of the one that died, which a new dated run dir would not hold."
+        )
     if not args.multirun:
         cfg = compose_cli(fixed, config_name, config_dir)
         check(cfg, Path(cfg.hydra.run.dir))
@@ -235,15 +242,18 @@ class SharedRunDir(Callback):
 
 def as_user_error(error: BaseException) -> UserError | None:
     """The UserError behind an exception, if any: Hydra wraps what a component raises inside
-    instantiate() in its own InstantiationException."""
+    instantiate() in its own InstantiationException. A file or directory the run cannot create,
+    read or write (a read-only or virtual file system, no permission, a full disk) is one too."""
     while error is not None:
         if isinstance(error, UserError):
             return error
+        if isinstance(error, OSError) and error.filename and error.strerror:
+            return UserError(f"cannot create or write {error.filename}: {error.strerror}.")
         error = error.__cause__ or error.__context__
     return None
 
 
 def discard_if_untouched(run_dir: Path) -> None:
     """A rejected config leaves no run behind: drop the dir Hydra made if it holds only Hydra's files."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", ".lock"}:
         shutil.rmtree(run_dir)

@@ -25,6 +25,11 @@ ShardedOptimizers (ZeRO-2, as nanochat's DistAdamW / DistMuon; system.shard_opti
 Both average gradients over ranks, so a step equals a single process's step on the union of the
 ranks' micro-batches (up to float rounding). The optimizers come from nanochat/optim.py unchanged;
 sharding only re-points their param groups at the shards this rank owns.
+
+Checkpoints hold each layout's own state (the full state once, or each rank's shard). A run
+resumed on another number of ranks, or with sharding switched, converts what was saved into the
+full state of every parameter (AdamW rows concatenated back, each Muon matrix's buffer from its
+owner) and takes its own part of it: see full_state() and load_full_state().
 """
 
 from collections.abc import Sequence
@@ -76,13 +81,46 @@ def optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer]) -> int:
     )
 
 
+def _full_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[list[torch.nn.Parameter]]:
+    """Each optimizer's parameters in state_dict index order (groups in order, params in order)."""
+    return [[p for group in optimizer.param_groups for p in group["params"]] for optimizer in optimizers]
+
+
+def _shard_layout(
+    optimizers: Sequence[torch.optim.Optimizer], full: list[list[torch.nn.Parameter]], world_size: int
+) -> list[list[list[tuple[int, bool]]]]:
+    """For each rank, each optimizer: the (full param index, is a row slice) of its shard's params,
+    in the shard's state_dict index order. The same rule ShardedOptimizers re-points groups by."""
+    elementwise = [isinstance(optimizer, ELEMENTWISE) for optimizer in optimizers]
+    owners = _owners(elementwise, full, world_size)
+    layout = [[[] for _ in optimizers] for _ in range(world_size)]
+    for o, params in enumerate(full):
+        for i, p in enumerate(params):
+            for r in range(world_size):
+                if id(p) not in owners:
+                    layout[r][o].append((i, True))
+                elif owners[id(p)] == r:
+                    layout[r][o].append((i, False))
+    return layout
+
+
+def _state_by_param(state: dict) -> dict[int, dict]:
+    return {int(index): values for index, values in state["state"].items()}
+
+
+def _state_dict(optimizer: torch.optim.Optimizer, per_param: dict[int, dict]) -> dict:
+    """A state_dict for optimizer holding per_param (index -> its state), with the optimizer's own groups."""
+    return {"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
 class ReplicatedOptimizers:
     sharded = False
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], world_size: int = 1):
         self.optimizers = optimizers
         self.world_size = world_size
-        self.params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+        self.full = _full_params(optimizers)
+        self.params = [p for params in self.full for p in params]
         self.device = self.params[0].device
 
     def sync_gradients(self) -> None:
@@ -117,6 +155,40 @@ class ReplicatedOptimizers:
         for optimizer, state in zip(self.optimizers, states, strict=True):
             load_state_keeping_hyperparameters(optimizer, state)
 
+    def full_state(self, saved: list, world_size: int, sharded: bool) -> list[dict[int, dict]]:
+        """Each optimizer's state per full param index, from a checkpoint's optimizer state: one
+        state_dict list (replicated), or one per rank (sharded over world_size ranks)."""
+        if not sharded:
+            return [_state_by_param(state) for state in saved]
+        layout = _shard_layout(self.optimizers, self.full, world_size)
+        full: list[dict[int, dict]] = [{} for _ in self.optimizers]
+        for o in range(len(self.optimizers)):
+            slices: dict[int, list[dict]] = {}
+            for r in range(world_size):
+                by_index = _state_by_param(saved[r][o])
+                for j, (i, is_slice) in enumerate(layout[r][o]):
+                    if j in by_index:
+                        if is_slice:
+                            slices.setdefault(i, []).append(by_index[j])
+                        else:
+                            full[o][i] = by_index[j]
+            for i, parts in slices.items():
+                rows = self.full[o][i].size(0)
+                full[o][i] = {
+                    key: torch.cat([part[key] for part in parts]) if _rowwise(value, rows // world_size) else value
+                    for key, value in parts[0].items()
+                }
+        return full
+
+    def load_full_state(self, full: list[dict[int, dict]]) -> None:
+        """Load full_state()'s result as this layout's own state (see load_state_dict)."""
+        self.load_state_dict([_state_dict(opt, per_param) for opt, per_param in zip(self.optimizers, full, strict=True)])
+
+
+def _rowwise(value, rows: int) -> bool:
+    """Whether a state entry is per element of the parameter (split by rows), not a scalar like AdamW's step."""
+    return torch.is_tensor(value) and value.ndim >= 1 and value.size(0) == rows
+
 
 class ShardedOptimizers(ReplicatedOptimizers):
     sharded = True
@@ -124,7 +196,7 @@ class ShardedOptimizers(ReplicatedOptimizers):
     def __init__(self, optimizers: list[torch.optim.Optimizer], rank: int, world_size: int):
         """optimizers: freshly built over the full model (no state yet); their param groups are
         re-pointed at this rank's shards."""
-        super().__init__(optimizers, world_size)
+        super().__init__(optimizers, world_size)  # self.full: the param lists before re-pointing
         self.rank = rank
         self.sliced: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (full weight, my row slice)
         self.owners = assign_owners(optimizers, world_size)  # full weight -> its rank, for the rest
@@ -185,21 +257,41 @@ class ShardedOptimizers(ReplicatedOptimizers):
         for _, shard in self.sliced:
             shard.grad = None
 
+    def load_full_state(self, full: list[dict[int, dict]]) -> None:
+        """This rank's part of every parameter's full state: its rows of AdamW's moments, the Muon
+        buffers of the matrices it owns."""
+        mine = _shard_layout(self.optimizers, self.full, self.world_size)[self.rank]
+        states = []
+        for o, optimizer in enumerate(self.optimizers):
+            per_param = {}
+            for j, (i, is_slice) in enumerate(mine[o]):
+                if i not in full[o]:
+                    continue
+                rows = self.full[o][i].size(0) // self.world_size
+                per_param[j] = {
+                    key: value.narrow(0, self.rank * rows, rows).clone()
+                    if is_slice and _rowwise(value, self.full[o][i].size(0))
+                    else value
+                    for key, value in full[o][i].items()
+                }
+            states.append(_state_dict(optimizer, per_param))
+        self.load_state_dict(states)
+
 
 def assign_owners(optimizers: Sequence[torch.optim.Optimizer], world_size: int) -> dict[torch.nn.Parameter, int]:
     """The rank that owns each parameter that cannot be split into row slices: Muon's matrices
     (orthogonalised whole) and parameters whose row count world_size does not divide. Largest first,
     each to the rank owning the fewest elements so far, so ranks hold about equal state."""
-    whole = [
-        p
-        for optimizer in optimizers
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if not isinstance(optimizer, ELEMENTWISE) or p.size(0) % world_size != 0
-    ]
+    full = _full_params(optimizers)
+    owner_of = _owners([isinstance(o, ELEMENTWISE) for o in optimizers], full, world_size)
+    return {p: owner_of[id(p)] for params in full for p in params if id(p) in owner_of}
+
+
+def _owners(elementwise: list[bool], full: list[list[torch.nn.Parameter]], world_size: int) -> dict[int, int]:
+    whole = [p for is_elementwise, params in zip(elementwise, full) for p in params if not is_elementwise or p.size(0) % world_size]
     load = [0] * world_size
     owner_of = {}
     for p in sorted(whole, key=lambda p: -p.numel()):  # stable: the same order on every rank
         owner_of[id(p)] = min(range(world_size), key=lambda r: (load[r], r))
         load[owner_of[id(p)]] += p.numel()
-    return {p: owner_of[id(p)] for p in whole}
+    return owner_of

@@ -35,12 +35,17 @@ CHANGEABLE = (
     "trainer.target_flops",
     "trainer.target_param_data_ratio",
     "trainer.log_every",
+    "trainer.device_batch_size",  # how a step's rows are split into micro-steps, not which rows (LaneLoader)
+    "trainer.skip_nonfinite",
     "eval.every",
     "sample.every",
     "checkpoint.save_every",
     "checkpoint.keep_last",
     "checkpoint.resume",
     "checkpoint.accept_changes",
+    "checkpoint.write_errors",
+    "system.shard_optimizer",  # the optimizer state is re-split on resume (nanochat/data_parallel.py)
+    "system.quiet_ranks",
     "logger",
 )
 HISTORY = "invocations.jsonl"

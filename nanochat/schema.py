@@ -43,6 +43,7 @@ class TrainerConfig:
     grad_clip: float
     seed: int
     log_every: int
+    skip_nonfinite: int  # steps in a row whose loss or grad norm is not finite that are skipped before stopping
 
     def __post_init__(self):
         if not (self.num_iterations > 0 or self.num_iterations == -1):
@@ -61,6 +62,8 @@ class TrainerConfig:
             _require_positive(self, name)
         if self.grad_clip < 0:
             raise InvalidArgument("{grad_clip} must be >= 0 (0 disables clipping).", grad_clip=self.grad_clip)
+        if self.skip_nonfinite < 0:
+            raise InvalidArgument("{skip_nonfinite} must be >= 0 (0 stops at the first).", skip_nonfinite=self.skip_nonfinite)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class CheckpointConfig:
     save_every: int  # <= 0: only after the last step (and on SIGTERM / SIGINT)
     keep_last: int
     accept_changes: list[str]  # config keys a continued run may change deliberately
+    write_errors: Literal["stop", "warn"]  # a checkpoint that cannot be written stops the run, or is skipped
 
     def __post_init__(self):
         if self.resume == "":

@@ -112,25 +112,37 @@ class Tracker:
         record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._to_wandb(lambda run: run.log(metrics, step=step))
 
     def log_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         for prompt, completion in samples:
             self._samples_file.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
         self._samples_file.flush()
-        if self.wandb_run is not None:
+
+        def table(run):
             import wandb
 
-            table = wandb.Table(columns=["step", "prompt", "completion"], data=[[step, p, c] for p, c in samples])
-            self.wandb_run.log({"samples": table}, step=step)
+            rows = [[step, p, c] for p, c in samples]
+            run.log({"samples": wandb.Table(columns=["step", "prompt", "completion"], data=rows)}, step=step)
+
+        self._to_wandb(table)
+
+    def _to_wandb(self, send) -> None:
+        """W&B failing in the middle of a run (a full disk under wandb/, a dead service, the network)
+        costs one warning and W&B itself, never the run: metrics.jsonl goes on."""
+        if self.wandb_run is None:
+            return
+        try:
+            send(self.wandb_run)
+        except Exception as error:
+            warnings.warn(f"W&B failed ({type(error).__name__}: {error}); logging to metrics.jsonl only from now on.")
+            self.wandb_run = None
 
     def finish(self) -> None:
         self._metrics_file.close()
         self._samples_file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self._to_wandb(lambda run: run.finish())
+        self.wandb_run = None
 
 
 def _json_safe(value):

@@ -16,20 +16,29 @@ SIGINT finish the step in flight, write such a checkpoint and return; under torc
 at every step whether any of them was signalled, so they all stop after the same step.
 """
 
-import itertools
+import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanochat.checkpoint import TOKENIZER_FILE, Checkpoint, remove_stale_temporaries, save_checkpoint
+from nanochat.checkpoint import (
+    TOKENIZER_FILE,
+    Checkpoint,
+    load_rank_files,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from nanochat.data.loader import merge_lane_states
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
 from nanochat.device import autocast, synchronize
-from nanochat.distributed import all_reduce_sum_, is_main, rank
+from nanochat.distributed import RankFailed, all_reduce_sum_, is_main, rank
+from nanochat.errors import UserError
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.metrics import LossEMA, StepClock, format_duration, mfu_percent
 from nanochat.optim import apply_schedule
@@ -120,13 +129,14 @@ class Trainer:
         self.sequence_len = model.sequence_len
         tokens_per_micro_step = config.device_batch_size * self.sequence_len * world_size
         self.grad_accum_steps = config.total_batch_size // tokens_per_micro_step
-        self.eval_steps = settings.eval.tokens // tokens_per_micro_step
         self.flops_per_token = model.estimate_flops()
         self.num_iterations = resolve_num_iterations(config, self.flops_per_token, model.num_params())
         self.loss_ema = LossEMA(beta=0.9)
         self.clock = StepClock(skip=10)
         self.min_val_bpb = float("inf")
         self.start_step = 0
+        self.skipped_steps = 0  # updates not applied because the loss or grad norm was not finite
+        self.skipped_in_a_row = 0
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.stopping = False  # some rank was signalled before this step's all-reduce
 
@@ -148,8 +158,7 @@ class Trainer:
         )
 
     def evaluate(self) -> float:
-        batches = itertools.islice(self.make_val_batches(), self.eval_steps)
-        return evaluate_bpb(self.forward, batches, self.token_bytes, self.device, self.dtype)
+        return evaluate_bpb(self.forward, self.make_val_batches(), self.token_bytes, self.device, self.dtype)
 
     def sample(self, step: int) -> None:
         """Rank 0 only: the weights are the same everywhere."""
@@ -183,6 +192,7 @@ class Trainer:
             "loss_ema": self.loss_ema.state_dict(),
             "min_val_bpb": self.min_val_bpb if self.min_val_bpb < float("inf") else None,
             "clock": self.clock.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "sharded_optimizer": self.step_optimizers.sharded,
             "wandb_run_id": self.tracker.run_id,
             "log_offsets": self.tracker.offsets(),
@@ -191,21 +201,48 @@ class Trainer:
         texts = {TOKENIZER_FILE: self.tokenizer.to_json()}
         return save_checkpoint(self.run_dir / "checkpoints", step, shared, meta, keep_last, per_rank, texts)
 
-    def restore(self, checkpoint: Checkpoint, data_position: bool = True) -> None:
-        """Continue from a checkpoint written by save(): the next update is checkpoint.step. The
-        weights and every optimizer's moments and buffers come from the checkpoint; the optimizers'
-        hyperparameters (lrs, betas, eps, weight decay, momentum schedule) stay this run's. Without
-        data_position the loader starts at the beginning of this run's data."""
+    def _save_or_warn(self, step: int) -> None:
+        """A checkpoint that cannot be written (disk full, no permission) stops the run with its
+        reason, or with checkpoint.write_errors=warn is skipped with a warning; either way the
+        checkpoints before it stay as they were (see save_checkpoint)."""
+        try:
+            print(f"saved checkpoint {self.save(step)}")
+        except UserError as error:
+            if self.settings.checkpoint.write_errors == "stop":
+                raise
+            if is_main():
+                warnings.warn(f"{error} Training goes on (checkpoint.write_errors=warn).")
+
+    def restore(self, checkpoint: Checkpoint, same_data: bool = True) -> bool:
+        """Continue from a checkpoint written by save(), by any number of ranks: the next update is
+        checkpoint.step. The weights and every optimizer's moments and buffers come from the
+        checkpoint; the optimizers' hyperparameters (lrs, betas, eps, weight decay, momentum
+        schedule) stay this run's. The data continues where it stood if same_data and the saved
+        position belongs to this run's streams; otherwise it starts from the beginning. Returns
+        whether the data position was restored."""
         self.model.load_state_dict(checkpoint.payload["model"])
-        self.step_optimizers.load_state_dict(checkpoint.payload["optimizers"])
-        if data_position:
-            self.train_loader.load_state_dict(checkpoint.payload["trainer"]["loader"])
-        set_rng_states(checkpoint.payload["trainer"]["rng"])
+        saved_world, saved_sharded = checkpoint.meta["world_size"], checkpoint.meta["sharded_optimizer"]
+        if saved_world == self.world_size and saved_sharded == self.step_optimizers.sharded:
+            self.step_optimizers.load_state_dict(checkpoint.payload["optimizers"])
+            own = checkpoint.payload["trainer"]
+            loader, rng = own["loader"], own["rng"]
+        else:  # written by another number of ranks, or another optimizer layout: re-split it
+            saved = load_rank_files(checkpoint, "optimizers") if saved_sharded else checkpoint.payload["optimizers"]
+            self.step_optimizers.load_full_state(self.step_optimizers.full_state(saved, saved_world, saved_sharded))
+            ranks = load_rank_files(checkpoint, "trainer")
+            loader = merge_lane_states([state["loader"] for state in ranks])
+            rng = ranks[rank() if rank() < saved_world else 0]["rng"]  # nothing in training draws from it
+        restored_data = same_data and self.train_loader.continues(loader)
+        if restored_data:
+            self.train_loader.load_state_dict(loader)
+        set_rng_states(rng)
         meta = checkpoint.meta
         self.loss_ema.load_state_dict(meta["loss_ema"])
         self.min_val_bpb = meta["min_val_bpb"] if meta["min_val_bpb"] is not None else float("inf")
         self.clock.load_state_dict(meta["clock"])
+        self.skipped_steps = meta["skipped_steps"]
         self.start_step = checkpoint.step
+        return restored_data
 
     def train_step(self, step: int) -> dict:
         c = self.config
@@ -221,10 +258,6 @@ class Trainer:
             loss_sum += loss.detach()
         self.step_optimizers.sync_gradients()
         grad_norm = self.step_optimizers.clip_grad_norm_(c.grad_clip)
-        lrm = self.schedule(step, self.num_iterations)
-        apply_schedule(self.optimizers, step, lrm)
-        self.step_optimizers.step()
-        self.step_optimizers.zero_grad()
         # One small all-reduce per step: the loss averaged over ranks, and whether any rank was
         # asked to stop (so that all of them stop after this same step).
         stop_requested = torch.tensor(float(self.stop_signal is not None), device=self.device)
@@ -233,13 +266,23 @@ class Trainer:
         train_loss = shared[0].item() / self.world_size  # .item() also waits for the device
         # Decided from the agreed flag only: a signal landing after this all-reduce counts next step.
         self.stopping = shared[1].item() > 0
+        norm = grad_norm.item()  # the global norm: the same on every rank, as is the mean loss
+        lrm = self.schedule(step, self.num_iterations)
+        if math.isfinite(train_loss) and math.isfinite(norm):
+            apply_schedule(self.optimizers, step, lrm)
+            self.step_optimizers.step()
+            self.skipped_in_a_row = 0
+        else:
+            self._skip_nonfinite(step, train_loss, norm)
+        self.step_optimizers.zero_grad()
         synchronize(self.device)
         dt = self.clock.stop(step)
         tok_per_sec = c.total_batch_size / dt
         metrics = {
             "train/loss": train_loss,
-            "train/loss_ema": self.loss_ema.update(train_loss),
-            "train/grad_norm": grad_norm.item(),
+            "train/loss_ema": self.loss_ema.update(train_loss) if self.skipped_in_a_row == 0 else self.loss_ema.debiased(),
+            "train/grad_norm": norm,
+            "train/skipped_steps": self.skipped_steps,
             "train/lrm": lrm,
             "train/tok_per_sec": tok_per_sec,
             "train/dt": dt,
@@ -249,6 +292,21 @@ class Trainer:
         if self.peak_flops is not None:
             metrics["train/mfu"] = mfu_percent(self.flops_per_token, tok_per_sec, self.peak_flops, self.world_size)
         return metrics
+
+    def _skip_nonfinite(self, step: int, loss: float, norm: float) -> None:
+        """Leave the weights and optimizer state as they were; stop once skip_nonfinite steps in a row were skipped."""
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        what = f"the train loss is {loss} and the grad norm {norm}"
+        allowed = self.config.skip_nonfinite
+        if self.skipped_in_a_row <= allowed:
+            warnings.warn(f"step {step}: {what}; the update was skipped ({self.skipped_in_a_row} of {allowed} in a row).")
+            return
+        message = (
+            f"step {step}: {what}; the update was not applied and the run stops after {self.skipped_in_a_row} such "
+            f"step(s) in a row (trainer.skip_nonfinite={allowed}); the checkpoints before it are kept as they were."
+        )
+        raise UserError(message) if is_main() else RankFailed(message)
 
     def progress_line(self, step: int, metrics: dict) -> str:
         eta = self.clock.eta_seconds(self.num_iterations - step - 1, metrics["train/dt"])
@@ -304,7 +362,7 @@ class Trainer:
                     print(self.progress_line(step, metrics), flush=True)
                 done = step + 1
                 if done == self.num_iterations or is_due(done, save_every) or self.stopping:
-                    print(f"saved checkpoint {self.save(done)}")
+                    self._save_or_warn(done)
                 if self.stopping:
                     final["stopped_by"] = signal.Signals(self.stop_signal or signal.SIGTERM).name
                     print(f"stopped after {done} of {self.num_iterations} steps; resume with:\n  {self.resume_hint}")

@@ -154,7 +154,9 @@ MISTAKES = [
         ["trainer.total_batch_size=1000", "trainer.device_batch_size=8"],
         "trainer.total_batch_size=1000 is not divisible by device_batch_size x sequence_len x world_size = 8 x 256 x 1.",
     ),
-    (["eval.tokens=100"], "eval.tokens=100 is smaller than one evaluation batch"),
+    (["eval.tokens=100"], "eval.tokens=100 is less than one row of model.sequence_len=256 tokens."),
+    (["trainer.skip_nonfinite=-1"], "trainer.skip_nonfinite=-1 must be >= 0"),
+    (["checkpoint.write_errors=ignore"], "checkpoint.write_errors=ignore must be one of stop, warn."),
 ]
 
 

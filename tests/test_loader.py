@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.data.corpus import write_shards
-from nanochat.data.loader import TokenLoader
+from nanochat.data.loader import LaneLoader, TokenLoader, ValidationRows, merge_lane_states
 from nanochat.errors import UserError
 
 B, T = 4, 16
@@ -141,3 +141,72 @@ def test_empty_file_list_is_a_user_error(tok):
 def test_more_ranks_than_row_groups_is_a_user_error(files, tok):
     with pytest.raises(UserError, match="world_size=16"):
         TokenLoader(files, tok, B, T, rank=0, world_size=16)
+
+
+# LaneLoader: the rows of an optimizer step, whatever the world size and micro-batch split.
+
+LANES = 8  # rows per optimizer step; the fixture has 14 row groups
+
+
+def lane_loader(files, tok, lanes: range, batch_size: int) -> LaneLoader:
+    return LaneLoader(files, tok, num_lanes=LANES, lanes=lanes, batch_size=batch_size, sequence_len=T, seed=5)
+
+
+def steps_of(loaders: list[LaneLoader], micro_steps: int, steps: int) -> list[torch.Tensor]:
+    """The inputs of each optimizer step, rows in lane order, as ranks x micro-steps produce them."""
+    out = []
+    for _ in range(steps):
+        out.append(torch.cat([next(loader)[0] for loader in loaders for _ in range(micro_steps)]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "world_size, batch_size",
+    [(2, 4), (2, 2), (4, 1), (8, 1), (1, 2)],
+    ids=["2 ranks x 4 rows", "2 ranks x 2 rows x 2 micro-steps", "4 ranks x 1 row x 2", "8 ranks x 1 row", "1 x 2 x 4"],
+)
+def test_every_split_of_a_step_reads_the_same_rows(files, tok, world_size, batch_size):
+    reference = steps_of([lane_loader(files, tok, range(LANES), LANES)], 1, 25)
+    per_rank = LANES // world_size
+    loaders = [lane_loader(files, tok, range(r * per_rank, (r + 1) * per_rank), batch_size) for r in range(world_size)]
+    split = steps_of(loaders, per_rank // batch_size, 25)
+    assert all(torch.equal(a, b) for a, b in zip(reference, split))
+
+
+def test_row_l_of_every_step_is_lane_ls_own_stream(files, tok):
+    steps = steps_of([lane_loader(files, tok, range(LANES), LANES)], 1, 12)
+    for lane in (0, 3, 7):
+        own = TokenLoader(files, tok, 1, T, rank=lane, world_size=LANES, seed=5)
+        assert all(torch.equal(step[lane], next(own)[0][0]) for step in steps)
+        assert len({pair for epoch in range(2) for pair in own.row_groups(epoch)}) > len(own.row_groups(0))
+
+
+def test_lane_positions_saved_by_some_ranks_resume_on_others(files, tok):
+    two_ranks = [lane_loader(files, tok, range(0, 4), 4), lane_loader(files, tok, range(4, 8), 2)]
+    for _ in range(9):  # 9 steps: rank 0 in one micro-step of 4 rows, rank 1 in two of 2
+        next(two_ranks[0]), next(two_ranks[1]), next(two_ranks[1])
+    saved = json.loads(json.dumps(merge_lane_states([loader.state_dict() for loader in two_ranks])))
+    one_process = lane_loader(files, tok, range(LANES), 8)
+    one_process.load_state_dict(saved)
+    uninterrupted = lane_loader(files, tok, range(LANES), 8)
+    for _ in range(9):
+        next(uninterrupted)
+    assert all(torch.equal(a, b) for a, b in zip(steps_of([uninterrupted], 1, 20), steps_of([one_process], 1, 20)))
+
+
+def test_too_few_row_groups_for_the_rows_of_a_step_is_one_sentence(files, tok):
+    with pytest.raises(UserError, match="has 14 parquet row groups, fewer than the 16 rows of an optimizer step"):
+        LaneLoader(files, tok, num_lanes=16, lanes=range(16), batch_size=16, sequence_len=T, seed=0)
+
+
+def test_validation_rows_are_split_over_ranks_without_loss_or_repeat(files, tok):
+    rows = ValidationRows(files, tok, num_rows=11, sequence_len=T)
+    stream = _stream(tok, [(f, g) for f in files for g in range(pq.ParquetFile(f).num_row_groups)])
+    assert rows.inputs.reshape(-1).tolist() == stream[: 11 * T] and len(rows) == 11
+    for world_size in (1, 2, 3):
+        batches = [list(rows.batches(r, world_size, 2)) for r in range(world_size)]
+        assert len({len(b) for b in batches}) == 1  # every rank runs the same number of batches
+        real = [row for rank_batches in batches for x, y in rank_batches for row, targets in zip(x, y) if targets[0] >= 0]
+        assert sorted(r.tolist() for r in real) == sorted(r.tolist() for r in rows.inputs)
+        padding = [targets for rank_batches in batches for _, y in rank_batches for targets in y if targets[0] < 0]
+        assert all((targets == -1).all() for targets in padding)

@@ -44,7 +44,10 @@ class TokenLoader:
         loop: bool = True,
         shuffle: bool = True,
         tokenizer_threads: int = 4,
+        row_groups: list[tuple[int, int]] | None = None,
     ):
+        """row_groups: the files' (file index, row group) pairs with documents, when the caller has
+        them already (nonempty_row_groups(files)); read from the footers otherwise."""
         if not files:
             raise UserError("TokenLoader got an empty list of data files; check data.data_dir.")
         if batch_size < 1 or sequence_len < 1:
@@ -62,7 +65,7 @@ class TokenLoader:
         self.shuffle = shuffle
         self.tokenizer_threads = tokenizer_threads
 
-        self._pairs = [(i, g) for i, path in enumerate(self.files) for g in _nonempty_row_groups(path)]
+        self._pairs = nonempty_row_groups(self.files) if row_groups is None else list(row_groups)
         if len(self._pairs) < world_size:
             raise UserError(
                 f"The data has {len(self._pairs)} parquet row groups, fewer than world_size={world_size}, "
@@ -167,6 +170,11 @@ class TokenLoader:
         self._cached_key = None
 
 
+def nonempty_row_groups(files: list[Path]) -> list[tuple[int, int]]:
+    """(file index, row group index) of every row group that holds documents, in file order."""
+    return [(i, g) for i, path in enumerate(files) for g in _nonempty_row_groups(path)]
+
+
 def _nonempty_row_groups(path: Path) -> list[int]:
     # Empty row groups are skipped so that every row group read adds at least one token (BOS).
     try:
@@ -175,3 +183,131 @@ def _nonempty_row_groups(path: Path) -> list[int]:
             return [g for g in range(metadata.num_row_groups) if metadata.row_group(g).num_rows > 0]
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"Cannot read parquet file {path} ({e}).") from e
+
+
+class LaneLoader:
+    """The rows of optimizer steps, the same whatever the world size and the micro-batch split.
+
+    A step has num_lanes rows (total_batch_size / sequence_len). Lane l is its own packed token
+    stream over its own share of the row groups (a TokenLoader striding the epoch's shuffled row
+    groups with offset l and stride num_lanes, one row at a time), and row l of every step is the
+    next row of lane l. A rank owns a contiguous range of lanes and yields them batch_size at a
+    time, in order, so its micro-steps together cover its lanes once per step: 1 process of 8 rows,
+    2 ranks of 4, or 2 ranks of 2 rows x 2 accumulation steps all train on the same rows, like
+    MosaicML Streaming's elastic determinism. The position is per lane, so a checkpoint's lanes can
+    be handed to another number of ranks (state_dict / load_state_dict).
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        tokenizer,
+        num_lanes: int,
+        lanes: range,
+        batch_size: int,
+        sequence_len: int,
+        seed: int,
+        tokenizer_threads: int = 4,
+    ):
+        if len(lanes) % batch_size:
+            raise ValueError(f"{len(lanes)} lanes do not split into micro-batches of {batch_size} rows")
+        files = [Path(f) for f in files]
+        row_groups = nonempty_row_groups(files)
+        if len(row_groups) < num_lanes:
+            raise UserError(
+                f"The training data has {len(row_groups)} parquet row groups, fewer than the {num_lanes} rows of an "
+                "optimizer step (trainer.total_batch_size / model.sequence_len), which each read their own: use "
+                "smaller row groups, or fewer rows per step."
+            )
+        self.num_lanes = num_lanes
+        self.lanes = lanes
+        self.batch_size = batch_size
+        self.streams = {
+            lane: TokenLoader(
+                files,
+                tokenizer,
+                1,
+                sequence_len,
+                rank=lane,
+                world_size=num_lanes,
+                seed=seed,
+                tokenizer_threads=tokenizer_threads,
+                row_groups=row_groups,
+            )
+            for lane in lanes
+        }
+        self._next = 0  # index into lanes of the next micro-batch's first lane
+
+    def __iter__(self) -> LaneLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [next(self.streams[lane]) for lane in self.lanes[self._next : self._next + self.batch_size]]
+        self._next = (self._next + self.batch_size) % len(self.lanes)
+        return torch.cat([inputs for inputs, _ in rows]), torch.cat([targets for _, targets in rows])
+
+    def state_dict(self) -> dict:
+        """This rank's lanes' positions, keyed by lane; merge the dicts of all ranks to re-split them."""
+        return {"num_lanes": self.num_lanes, "next": self._next, "lanes": {lane: s.state_dict() for lane, s in self.streams.items()}}
+
+    def continues(self, state: dict) -> bool:
+        """Whether a saved position (holding at least this rank's lanes) is one of this loader's streams."""
+        saved = {int(lane): position for lane, position in state["lanes"].items()}
+        return state["num_lanes"] == self.num_lanes and all(
+            lane in saved and stream.continues(saved[lane]) for lane, stream in self.streams.items()
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a state holding (at least) this rank's lanes, e.g. merge_lane_states() of a
+        checkpoint written by any number of ranks."""
+        if state["num_lanes"] != self.num_lanes:
+            raise UserError(
+                f"The saved data position has {state['num_lanes']} rows per step and this run has {self.num_lanes} "
+                "(trainer.total_batch_size / model.sequence_len)."
+            )
+        if state["next"] != 0:
+            raise ValueError("a data position is saved between optimizer steps, where no lane is half used")
+        saved = {int(lane): position for lane, position in state["lanes"].items()}  # JSON keeps keys as strings
+        for lane, stream in self.streams.items():
+            stream.load_state_dict(saved[lane])
+
+
+def merge_lane_states(states: list[dict]) -> dict:
+    """One state holding every lane, from the LaneLoader states of all the ranks that saved them."""
+    lanes = {}
+    for state in states:
+        lanes.update({int(lane): position for lane, position in state["lanes"].items()})
+    return {"num_lanes": states[0]["num_lanes"], "next": 0, "lanes": lanes}
+
+
+class ValidationRows:
+    """The first num_rows rows of sequence_len tokens of the validation split, read once.
+
+    Each row is evaluated on its own (no state carries between rows), so bits per byte is the same
+    sum of nats and bytes whichever rank evaluates which row: rank r takes rows r, r + W, ... in
+    micro-batches of batch_size, the last one filled with rows whose targets are ignored (-1).
+    """
+
+    def __init__(self, files: list[Path], tokenizer, num_rows: int, sequence_len: int, tokenizer_threads: int = 4):
+        stream = TokenLoader(files, tokenizer, 1, sequence_len, loop=False, shuffle=False, tokenizer_threads=tokenizer_threads)
+        rows = list(itertools.islice(stream, num_rows))
+        if not rows:
+            raise UserError(f"The validation split holds fewer than {sequence_len + 1} tokens: nothing to evaluate.")
+        self.inputs = torch.cat([inputs for inputs, _ in rows])
+        self.targets = torch.cat([targets for _, targets in rows])
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batches(self, rank: int, world_size: int, batch_size: int):
+        """This rank's rows, batch_size at a time; every rank yields the same number of batches."""
+        mine = range(rank, len(self), world_size)
+        per_rank = -(-len(self) // world_size)
+        for start in range(0, per_rank, batch_size):
+            index = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
+            inputs, targets = self.inputs[index], self.targets[index]
+            padding = batch_size - len(index)
+            if padding:
+                inputs = torch.cat([inputs, torch.zeros(padding, inputs.size(1), dtype=inputs.dtype)])
+                targets = torch.cat([targets, torch.full((padding, targets.size(1)), -1, dtype=targets.dtype)])
+            yield inputs, targets

@@ -54,9 +54,10 @@ EDITION_SUFFIXES = ("_gut_f", "_gut")
 
 # A document closes at the first blank line after this many characters (~2 KB documents).
 DOC_CHARS = 2048
-# Far below FineWeb-Edu's 1024: row groups are what ranks split between them, and the ~1 MB
-# validation split should still have more of them (31) than a node has GPUs.
-DOCS_PER_ROW_GROUP = 16
+# Far below FineWeb-Edu's 1024: row groups are the unit each row of an optimizer step reads its
+# own share of (nanochat/data/loader.py, LaneLoader), and the ~4 MB of training text should still
+# hold many more of them (~500) than a step has rows.
+DOCS_PER_ROW_GROUP = 4
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 
