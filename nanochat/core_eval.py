@@ -109,6 +109,8 @@ class EvalBundle:
     def __init__(self, root: Path, tasks: list[Task]):
         self.root = root
         self.tasks = {task.label: task for task in tasks}
+        # Parsed once: a trainer evaluates CORE every few hundred steps, the files do not change.
+        self._examples: dict[str, list[dict]] = {}
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> EvalBundle:
@@ -148,12 +150,20 @@ class EvalBundle:
         unknown = [label for label in labels if label not in self.tasks]
         if unknown:
             close = difflib.get_close_matches(unknown[0], list(self.tasks), n=3)
-            known = "did you mean " + " or ".join(close) + "?" if close else "its tasks are " + ", ".join(self.tasks) + "."
+            known = (
+                "did you mean " + " or ".join(close) + "?" if close else "its tasks are " + ", ".join(self.tasks) + "."
+            )
             raise UserError(f"CORE task {unknown[0]!r} is not in the eval bundle at {self.root}; {known}")
         return [self.tasks[label] for label in labels]
 
     def examples(self, task: Task) -> list[dict]:
-        """The task's examples in file order, each checked for its type's fields."""
+        """The task's examples in file order, each checked for its type's fields (a new list each
+        call; the examples themselves are shared and must not be changed)."""
+        if task.label not in self._examples:
+            self._examples[task.label] = self._read_examples(task)
+        return list(self._examples[task.label])
+
+    def _read_examples(self, task: Task) -> list[dict]:
         path = self.root / DATA_DIR / task.dataset_uri
         examples = []
         with open(path, encoding="utf-8") as file:
@@ -253,12 +263,13 @@ def fetch_bundle(
     """The eval bundle from source: an http(s) URL of a zip, a local .zip, or an unpacked folder.
 
     A zip is unpacked into cache_dir/<its name without .zip>/, atomically (into a temporary folder
-    renamed into place once complete and readable); a later call with the same source finds it there
-    and reads nothing else. A URL is downloaded into cache_dir with the project's downloader (retries,
-    resume) and deleted once unpacked. sha256, when given, pins the zip: a different one is one
-    sentence naming both, and a downloaded file that fails it is deleted. Member paths that would
-    leave the folder (absolute, or with ..) and links refuse the whole zip. A folder is used in place.
-    Under torchrun call it on one rank first (distributed.main_first): the others then find the cache.
+    renamed into place once complete and readable); a later call with the same URL, or the same
+    local zip unchanged, reuses it without a download or an unpack. A URL is downloaded into
+    cache_dir with the project's downloader (retries, resume) and deleted once unpacked. sha256,
+    when given, pins the zip: a different one is one sentence naming both, and a downloaded file
+    that fails it is deleted. Member paths that would leave the folder (absolute, or with ..) and
+    links refuse the whole zip. A folder is used in place. Under torchrun call it on one rank
+    first (distributed.main_first): the others then find the cache.
     """
     pinned = _checked_sha256(sha256)
     cache_dir = Path(cache_dir).expanduser()

@@ -43,6 +43,7 @@ from nanochat.core_eval import (
     render_prompts,
     task_examples,
 )
+from nanochat.data import download
 from nanochat.errors import UserError
 from nanochat.model import GPT
 from nanochat.tokenizer import Tokenizer
@@ -168,8 +169,8 @@ def test_a_model_that_knows_nothing_scores_the_random_baseline(bundle, tokenizer
 
     In a generated multiple_choice or schema example the k options are drawn from one distribution
     and the gold index uniformly and independently of them (core_bundle.py). These models' choice
-    depends on the option texts only (uniform logits: ties and rounding decided by span lengths;
-    the bigram table: the tokens of the example's own options), so each example is right with
+    depends on the example's own text only (uniform logits: ties and rounding decided by the span
+    lengths; the bigram table: each scored token and the one before it), so each example is right with
     probability 1/k independently: correct ~ Binomial(n, p), p = 1/k = baseline / 100.
     accuracy has standard deviation sqrt(p (1 - p) / n), and centered = (accuracy - p) / (1 - p)
     has mean 0 and standard deviation sigma = sqrt(p / ((1 - p) n)): at n = 300, 0.033 for k = 4
@@ -199,6 +200,28 @@ def test_a_model_that_knows_nothing_scores_the_random_baseline(bundle, tokenizer
     assert metrics["core/metric"] == pytest.approx(sum(metrics[f"core/{t.label}"] for t in tasks) / len(tasks))
     core_sigma = math.sqrt(sum(s * s for s in sigmas)) / len(tasks)
     assert abs(metrics["core/metric"]) <= 4 * core_sigma
+
+
+class FixedLosses(torch.nn.Module):
+    """Per-token losses given in advance, whatever the tokens."""
+
+    sequence_len = 64
+
+    def __init__(self, losses: list[list[float]]):
+        super().__init__()
+        self.losses = torch.tensor(losses)
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        return self.losses
+
+
+def test_the_prediction_is_the_option_with_the_lowest_mean_loss_over_its_continuation():
+    # Option 0 scores one token at loss 2, option 1 three tokens at loss 1: by mean option 1 wins,
+    # by sum option 0. Losses outside the spans (position 0, the padding) are huge and must not count.
+    example = core_eval.PreparedExample(tokens=[[0, 7, 8], [0, 7, 9, 9, 9]], starts=[2, 2], ends=[3, 5])
+    model = FixedLosses([[100.0, 2.0, 100.0, 100.0, 100.0], [100.0, 1.0, 1.0, 1.0, 100.0]])
+    assert core_eval.is_correct(model, example, "multiple_choice", 1, 0, CPU, torch.float32)
+    assert not core_eval.is_correct(model, example, "multiple_choice", 0, 0, CPU, torch.float32)
 
 
 def test_options_with_equal_losses_go_to_the_first_one():
@@ -516,10 +539,32 @@ def test_a_cached_bundle_does_not_satisfy_a_checksum_it_was_not_fetched_with(ser
 
 
 def test_a_url_that_fails_is_one_sentence(server, tmp_path):
-    with pytest.raises(UserError, match=re.escape(f"{server.url}/missing.zip answered HTTP 404")) as error:
+    with pytest.raises(
+        UserError,
+        match=re.escape(f"{server.url}/missing.zip answered HTTP 404 Not Found; check the eval bundle's URL."),
+    ) as error:
         fetch_bundle(f"{server.url}/missing.zip", cache_dir=tmp_path / "cache", show_progress=False)
     assert one_sentence(str(error.value))
     assert not (tmp_path / "cache" / "missing").exists()
+
+
+def test_a_download_that_is_not_a_zip_is_fetched_again_then_refused(server, tmp_path):
+    server.files["/eval_bundle.zip"] = b"<html>an error page</html>"
+    with pytest.raises(
+        UserError, match="failed after 2 tries; last error: the 26 bytes received are not a valid zip file"
+    ):
+        download.fetch_url(
+            f"{server.url}/eval_bundle.zip",
+            tmp_path / "eval_bundle.zip",
+            zipfile.is_zipfile,
+            "zip",
+            "check it",
+            max_tries=2,
+            backoff=0.01,
+            show_progress=False,
+        )
+    assert [method for method, _ in server.requests] == ["HEAD", "GET", "GET"]
+    assert not (tmp_path / "eval_bundle.zip").exists()
 
 
 @pytest.mark.parametrize("source", ["ftp://127.0.0.1/eval_bundle.zip", "file:///etc/passwd"])
