@@ -20,6 +20,9 @@ take plain arguments; only the command line composes the Hydra config.
 - One downloader per directory at a time (a lock on `.download.lock`): ranks or jobs started
   together wait for the first one and then find the shards present.
 - HTTP goes through the standard library only (urllib), to keep the dependencies small.
+
+fetch_url() gives one file of another kind (the CORE eval bundle's zip) the same retries, resume,
+atomic rename and lock, with its own check of what a complete file is.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import pyarrow.parquet as pq
 from nanochat.data.corpus import shard_name
 from nanochat.errors import UserError
 
-__all__ = ["download_corpus", "fetch_shards", "free_disk_bytes", "main", "retry_delay", "shard_name"]
+__all__ = ["download_corpus", "fetch_shards", "fetch_url", "free_disk_bytes", "main", "retry_delay", "shard_name"]
 
 MAX_TRIES = 5
 TIMEOUT_S = 30.0  # per socket operation (connect, each read), not per shard
@@ -92,10 +95,10 @@ def _human(num_bytes: float) -> str:
     return f"{num_bytes:.1f} GB"
 
 
-def _checked_base_url(base_url: object) -> str:
+def _checked_base_url(base_url: object, name: str = "base_url") -> str:
     parts = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"base_url={base_url!r} is not an http:// or https:// URL; downloads accept only those.")
+        raise UserError(f"{name}={base_url!r} is not an http:// or https:// URL; downloads accept only those.")
     return base_url.rstrip("/")
 
 
@@ -151,8 +154,9 @@ class _Progress:
     """`shards 3/8 | 512.0/1365.3 MB | 41.2 MB/s | ETA 0:00:21` on stderr, redrawn in place on a
     terminal and printed once per finished shard otherwise, so log files stay readable."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, noun: str = "shards"):
         self._enabled = enabled
+        self._noun = noun
         self._interactive = enabled and sys.stderr.isatty()
         self._lock = threading.Lock()
         self._shards = self._shards_done = 0
@@ -194,7 +198,7 @@ class _Progress:
     def _draw(self) -> None:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         rate = self._received / elapsed
-        line = f"shards {self._shards_done}/{self._shards} | "
+        line = f"{self._noun} {self._shards_done}/{self._shards} | "
         if self._total_bytes:
             line += f"{self._done_bytes / 1e6:.1f}/{self._total_bytes / 1e6:.1f} MB | {rate / 1e6:.1f} MB/s"
             if rate > 0:
@@ -217,11 +221,24 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class _Downloader:
-    """The HTTP side: HEAD for sizes, GET with Range resume, retries; shared by the worker threads."""
+    """The HTTP side: HEAD for sizes, GET with Range resume, retries; shared by the worker threads.
 
-    def __init__(self, timeout: float, max_tries: int, backoff: float, progress: _Progress):
+    is_valid decides whether a complete download is a `kind` file (else it is fetched again); hint
+    ends the message of a final HTTP error, pointing at the setting that holds the URL."""
+
+    def __init__(
+        self,
+        timeout: float,
+        max_tries: int,
+        backoff: float,
+        progress: _Progress,
+        is_valid: Callable[[Path], bool] = _opens_as_parquet,
+        kind: str = "parquet",
+        hint: str = "check base_url",
+    ):
         self.timeout, self.max_tries, self.backoff = timeout, max_tries, backoff
         self.progress = progress
+        self.is_valid, self.kind, self.hint = is_valid, kind, hint
         self.opener = urllib.request.build_opener(_HttpOnlyRedirects)
         self.stop = threading.Event()
 
@@ -261,7 +278,7 @@ class _Downloader:
             except urllib.error.HTTPError as error:
                 error.close()
                 if not _is_transient(error.code):
-                    raise UserError(f"{url} answered HTTP {error.code} {error.reason}; check base_url.") from None
+                    raise UserError(f"{url} answered HTTP {error.code} {error.reason}; {self.hint}.") from None
                 last_error: Exception = error
             except (_BadDownload, *_NETWORK_ERRORS) as error:
                 last_error = error
@@ -313,9 +330,9 @@ class _Downloader:
         if total is not None and size > total:
             self._discard(part)
             raise _BadDownload(f"got {size} bytes, more than the {total} announced")
-        if not _opens_as_parquet(part):
+        if not self.is_valid(part):
             self._discard(part)
-            raise _BadDownload(f"the {size} bytes received are not a valid parquet file")
+            raise _BadDownload(f"the {size} bytes received are not a valid {self.kind} file")
 
     def _discard(self, part: Path) -> None:
         self.progress.add_bytes(-part.stat().st_size)
@@ -422,6 +439,48 @@ def fetch_shards(
     """
     shards = [(name, Path(out_dir)) for name in names]
     return _fetch_into(base_url, shards, workers, max_tries, timeout, backoff, show_progress)
+
+
+def fetch_url(
+    url: str,
+    path: str | os.PathLike,
+    is_valid: Callable[[Path], bool],
+    kind: str,
+    hint: str,
+    max_tries: int = MAX_TRIES,
+    timeout: float = TIMEOUT_S,
+    backoff: float = BACKOFF_S,
+    show_progress: bool = True,
+) -> Path:
+    """Downloads url to path as the shards are downloaded (HEAD for the size and a disk-space check,
+    retries with backoff, Range resume of a killed download, rename into place when complete, one
+    downloader per directory); returns path.
+
+    is_valid(path) says whether a complete download is a `kind` file: one that is not is fetched
+    again, and so is a file already at path that fails it; one that passes is kept without any
+    request. hint ends the message of a final HTTP error (e.g. "check the eval bundle's URL").
+    """
+    url = _checked_base_url(url, "url")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(show_progress, noun="files")
+    downloader = _Downloader(timeout, max_tries, backoff, progress, is_valid=is_valid, kind=kind, hint=hint)
+    with _exclusive(path.parent, progress):
+        if path.exists():
+            if is_valid(path):
+                return path
+            progress.note(f"{path} is not a valid {kind} file; downloading it again.")
+            path.unlink()
+        part = _leftover_part(path)
+        have = part.stat().st_size if part else 0
+        size = downloader.size_of(url)
+        _check_disk_space({path.parent: max((size or 0) - have, 0)})
+        progress.begin(1, size, have)
+        try:
+            downloader.fetch(url, path, part)
+        finally:
+            progress.close()
+    return path
 
 
 def download_corpus(
