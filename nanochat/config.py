@@ -1,6 +1,7 @@
 """Everything the project asks of Hydra: the resolvers the YAML files use, building a node with
-`hydra.utils.instantiate`, composing conf/ for the command-line tools, the running job's dir and
-overrides, and the check of a whole command line before Hydra starts a job.
+`hydra.utils.instantiate`, composing conf/ for the command-line tools (those that take train.py's
+keys, and those with their own conf/tools/<name>.yaml), the running job's dir and overrides, and
+the check of a whole command line before Hydra starts a job.
 
 This is the only library module that imports Hydra; components take plain arguments.
 """
@@ -115,6 +116,48 @@ def run_cli(main: Callable[[DictConfig], None], argv: list[str] | None = None) -
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_tool(name: str, main: Callable[[str, dict], None], argv: list[str] | None = None) -> None:
+    """`python -m nanochat.<name> <run dir or checkpoint> [key=value ...]`: main(location, settings)
+    with conf/tools/<name>.yaml under the overrides, in train.py's override grammar (an unknown key
+    names the closest ones), resolved to plain containers. A UserError becomes one line on stderr
+    and exit code 2; -h / --help prints the keys with their defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_file = CONF_DIR / "tools" / f"{name}.yaml"
+    usage = f"usage: python -m nanochat.{name} <run dir or checkpoint> [key=value ...]"
+    try:
+        if argv[:1] in (["-h"], ["--help"]):
+            print(f"{usage}\n\nKeys and their defaults ({config_file}):\n\n{config_file.read_text()}")
+            return
+        if not argv or ("=" in argv[0] and not Path(argv[0]).exists()):
+            raise UserError(f"the first argument must be a run dir or checkpoint folder ({usage}).")
+        for override in argv[1:]:
+            _check_single_value(override)
+        main(argv[0], resolved(compose_cli(argv[1:], config_name=f"tools/{name}")))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again
+        sys.exit(1)
+
+
+def _check_single_value(override: str) -> None:
+    """A tool's override must parse to one value. Free text (a prompt) often does not: Hydra's
+    grammar reads an unquoted comma as a sweep and refuses most punctuation and non-ASCII letters,
+    and its own message for that is several lines about sweeps."""
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:
+        parsed = None
+    if parsed is None or parsed.is_sweep_override():
+        key, _, value = override.partition("=")
+        quoted = "'" + value.replace("'", "\\'") + "'"
+        raise UserError(
+            f"{override} does not parse as one value in Hydra's override grammar (as in train.py): quote it, "
+            f'e.g. {key}="{quoted}" in the shell.'
+        )
 
 
 def check_command_line(argv: list[str], check: Callable[[DictConfig, Path | None], None]) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from nanochat.device import autocast
 from nanochat.distributed import all_reduce_sum_
+from nanochat.interface import generate_batch
 
 
 @torch.no_grad()
@@ -47,19 +48,26 @@ def evaluate_bpb(
 
 
 def sample_completions(
-    model, tokenizer, prompts: Iterable[str], max_tokens: int, temperature: float, top_k: int | None, seed: int
+    model,
+    tokenizer,
+    prompts: Iterable[str],
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[tuple[str, str]]:
-    """Continue each prompt (BOS first, as in training) with fixed seeds, so samples from different
-    steps of one run differ only because the model did. A sample ends where the model starts a new
-    document (BOS)."""
+    """Continue the prompts in one batch (each BOS first, as in training) with fixed seeds (prompt
+    i: seed + i), so samples from different steps of one run differ only because the model did.
+    A sample ends where the model starts a new document (BOS)."""
+    prompts = list(prompts)
     was_training = model.training
     model.eval()
-    samples = []
-    for index, prompt in enumerate(prompts):
-        tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
-        out = model.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, seed=seed + index)
-        if tokenizer.bos_id in out:
-            out = out[: out.index(tokenizer.bos_id)]
-        samples.append((prompt, tokenizer.decode(out)))
+    bos = tokenizer.bos_id
+    with autocast(device, dtype):
+        outputs = generate_batch(
+            model, [[bos] + tokenizer.encode(p) for p in prompts], max_tokens, temperature, top_k, seed, stop_token=bos
+        )
     model.train(was_training)
-    return samples
+    return [(prompt, tokenizer.decode(out[:-1] if out[-1:] == [bos] else out)) for prompt, out in zip(prompts, outputs)]

@@ -20,9 +20,19 @@ The trainer, the optimizer builders, evaluation and the checkpoint checks use on
     generate(tokens, max_tokens, temperature=1.0, top_k=None, seed=None)
                                the sampled continuation of one prompt, as token ids
 
+Optional, for generating many sequences at once (GPT has them, with a KV cache); without them the
+functions generate_stream() and generate_batch() below run generate() on one prompt after another:
+
+    generate_stream(prompts, max_tokens, temperature=1.0, top_k=None, seed=None, stop_token=None)
+                               continue a batch of prompts, yielding each step's new tokens as
+                               {prompt index: token}; prompt i samples with seed + i; a sequence
+                               ends after max_tokens tokens or after emitting stop_token (yielded)
+    context_len: int           the most tokens a generated sequence may reach, prompt included
+
 nanochat/model.py's GPT is the reference implementation; tests/toy_models.py holds a second one.
 """
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -78,3 +88,43 @@ def grouped_parameters(model: LanguageModel) -> dict[str, list[nn.Parameter]]:
             f"{type(model).__name__}.param_groups() must hold every parameter exactly once; missing: {', '.join(missing)}"
         )
     return groups
+
+
+def generate_stream(
+    model: LanguageModel,
+    prompts: list[list[int]],
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop_token: int | None = None,
+) -> Iterator[dict[int, int]]:
+    """model.generate_stream(...) where the model has it; otherwise each prompt in turn through
+    model.generate (prompt i with seed + i), its tokens yielded one by one up to stop_token."""
+    if hasattr(model, "generate_stream"):
+        yield from model.generate_stream(prompts, max_tokens, temperature, top_k, seed, stop_token)
+        return
+    for index, prompt in enumerate(prompts):
+        own_seed = None if seed is None else seed + index
+        for token in model.generate(prompt, max_tokens, temperature=temperature, top_k=top_k, seed=own_seed):
+            yield {index: token}
+            if token == stop_token:
+                break
+
+
+def generate_batch(
+    model: LanguageModel,
+    prompts: list[list[int]],
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop_token: int | None = None,
+) -> list[list[int]]:
+    """The continuation of each prompt (ending with stop_token where the model emitted it), from
+    generate_stream."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_tokens, temperature, top_k, seed, stop_token):
+        for index, token in step.items():
+            outputs[index].append(token)
+    return outputs

@@ -14,9 +14,14 @@ Architecture choices that differ from GPT-2 / nanoGPT:
 - init: Linear std = 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)), embedding std 1, and the
   output head plus every residual-branch output projection (attn.c_proj, mlp.c_proj) start at zero,
   so each block starts as the identity and the initial prediction is uniform
+
+Generation (generate_stream) fills a KV cache with one forward pass over the prompts, then feeds
+one token per sequence per step; prompts of different lengths are left-padded and masked so that
+each sequence sees exactly the tokens and rotary positions it would see alone.
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,11 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.errors import InvalidArgument
+from nanochat.interface import generate_batch
 
 ROTARY_BASE = 10_000
 LOGIT_SOFTCAP = 15.0
 # The rotary table is tiny, so it covers 10x the training length: the model can then also be run
-# on longer sequences than it was trained on (generation crops its context to sequence_len anyway).
+# on longer sequences than it was trained on. It is also the context generation can fill
+# (GPT.context_len): a sequence stops there, as there is no rotation for the next position.
 ROTARY_LENGTH_FACTOR = 10
 
 
@@ -93,9 +100,84 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((first * cos + second * sin, second * cos - first * sin), dim=-1)
 
 
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generators: list[torch.Generator]
+) -> list[int]:
+    """One token per row of logits [B, vocab]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) over the top_k largest logits (ties at the k-th value stay in),
+    row b drawn with generators[b]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1).tolist()
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).tolist()
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A private generator, so that sampling never touches the global RNG."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+class KVCache:
+    """The keys and values of every layer for a batch of sequences being generated.
+
+    Prompts of different lengths are left-padded to one width, so every sequence writes its next
+    token into the same column. A row's positions count from its first real token, and no real
+    query attends to a padding column, so each sequence sees exactly the tokens and rotary
+    positions it would see alone. Each padding column attends to itself: a query with nothing to
+    attend to is an edge case that SDPA kernels have answered with NaN (several CUDA kernels, older
+    versions), and a NaN there would reach the real rows through the next layer's keys and values,
+    masked or not (0 * NaN is NaN).
+    """
+
+    def __init__(self, lengths: list[int], capacity: int, n_layer: int, device: torch.device):
+        self.padding = torch.tensor([max(lengths) - n for n in lengths], device=device)  # [B]
+        self.capacity = capacity  # columns: padded prompt width + tokens fed back
+        self.keys: list[torch.Tensor | None] = [None] * n_layer  # allocated at the first store: dtype of k
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.start = self.end = 0  # the columns [start, end) are the ones the current forward adds
+        self.mask: torch.Tensor | None = None  # [B, 1, end - start, end]: which columns each new query sees
+
+    def extend(self, count: int) -> torch.Tensor:
+        """Take the next `count` columns for a forward pass; returns their positions, [B, count]."""
+        assert self.end + count <= self.capacity, "KV cache overflow"
+        self.start, self.end = self.end, self.end + count
+        columns = torch.arange(self.end, device=self.padding.device)
+        queries = columns[self.start :, None]  # [count, 1]
+        visible = (columns >= self.padding[:, None, None]) & (columns <= queries)
+        self.mask = (visible | (columns == queries)).unsqueeze(1)
+        return (columns[None, self.start :] - self.padding[:, None]).clamp(min=0)  # padding: position 0
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new columns' k, v [B, n_kv_head, count, head_dim]; returns every column so far."""
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_empty(B, H, self.capacity, D)
+            self.values[layer] = v.new_empty(B, H, self.capacity, D)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.start : self.end] = k
+        values[:, :, self.start : self.end] = v
+        return keys[:, :, : self.end], values[:, :, : self.end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only (indices into the batch): the others have stopped."""
+        self.padding = self.padding[rows]
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index  # its slot in a KVCache
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
@@ -104,7 +186,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -115,7 +199,12 @@ class CausalSelfAttention(nn.Module):
         q = rms_norm(apply_rotary(q, cos, sin))
         k = rms_norm(apply_rotary(k, cos, sin))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # heads become a batch dimension
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head
+        if cache is None:  # training and scoring: the whole sequence at once
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # generation: the new columns attend to the cached ones and to each other
+            k, v = cache.store(self.layer_index, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -130,13 +219,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_index)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin, cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -151,7 +242,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, index) for index in range(config.n_layer)]),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -174,6 +265,11 @@ class GPT(nn.Module):
     @property
     def width(self) -> int:
         return self.config.n_embd
+
+    @property
+    def context_len(self) -> int:
+        """The most tokens a generated sequence reaches, prompt included: the rotary table's length."""
+        return self.cos.size(1)
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = self.config.sequence_len * ROTARY_LENGTH_FACTOR
@@ -215,13 +311,17 @@ class GPT(nn.Module):
         matmul_params = self.num_params() - self.transformer.wte.weight.numel()
         return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
 
-    def _hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.size(1)
-        assert T <= self.cos.size(1), f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(1)})"
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if cache is None:
+            assert T <= self.cos.size(1), f"sequence of {T} tokens exceeds the rotary table ({self.cos.size(1)})"
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # each row at its own positions: [B, T, 1, head_dim // 2]
+            positions = cache.extend(T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]
         x = rms_norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, cache)
         return rms_norm(x)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -242,7 +342,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
         return loss.view_as(targets) if loss_reduction == "none" else loss
 
-    @torch.no_grad()
     def generate(
         self,
         tokens: list[int],
@@ -251,31 +350,73 @@ class GPT(nn.Module):
         top_k: int | None = None,
         seed: int | None = None,
     ) -> list[int]:
-        """Sample `max_tokens` continuation tokens of the prompt `tokens` and return only those.
+        """The sampled continuation of the prompt `tokens`: max_tokens tokens, or fewer where the
+        sequence fills the context (context_len tokens, prompt included). temperature 0 is greedy;
+        a fixed seed reproduces the sample (see generate_stream)."""
+        return self.generate_batch([tokens], max_tokens, temperature, top_k, seed)[0]
 
-        No KV cache: every step re-reads the last `sequence_len` tokens. temperature 0 is greedy.
-        Sampling draws from a private generator (seeded from `seed`, or randomly if None), so a
-        fixed seed reproduces the sample and the global RNG is left untouched.
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_token: int | None = None,
+    ) -> list[list[int]]:
+        """The continuation of each prompt, generated together (see generate_stream)."""
+        return generate_batch(self, prompts, max_tokens, temperature, top_k, seed, stop_token)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_token: int | None = None,
+    ) -> Iterator[dict[int, int]]:
+        """Continue several prompts in one batch, yielding each step's new tokens as {prompt index: token}.
+
+        One forward pass over the (left-padded) prompts fills a KV cache; each step then feeds only
+        the newest token of every sequence still going. A sequence stops after max_tokens tokens,
+        after it emits stop_token (which is yielded), or when it fills the context: prompt plus
+        continuation never exceed context_len tokens, so a prompt needs 1 to context_len - 1
+        tokens (ValueError otherwise). The others go on.
+
+        Prompt i samples from its own generator, seeded with seed + i (randomly if seed is None),
+        so its tokens do not depend on the other prompts: with a fixed seed, the batch [a, b]
+        gives a the tokens that [a] alone gives, and b those of [b] with seed + 1. The global RNG
+        is left untouched. The caller chooses the precision (nanochat.device.autocast around the loop).
         """
+        limit = self.context_len
+        for index, prompt in enumerate(prompts):
+            if not 0 < len(prompt) < limit:
+                raise ValueError(
+                    f"prompt {index} has {len(prompt)} tokens; a prompt needs 1 to {limit - 1} "
+                    f"(the context holds {limit} tokens)"
+                )
+        budgets = [min(max_tokens, limit - len(prompt)) for prompt in prompts]  # tokens each may add
+        steps = max(budgets, default=0)
+        if steps <= 0:
+            return
         device = self.transformer.wte.weight.device
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        generated: list[int] = []
-        for _ in range(max_tokens):
-            context = ids[:, -self.config.sequence_len :]
-            logits = self._logits(self._hidden_states(context)[:, -1])  # [1, vocab_size]
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-            ids = torch.cat((ids, next_id), dim=1)
-            generated.append(next_id.item())
-        return generated
+        generators = [_generator(device, None if seed is None else seed + index) for index in range(len(prompts))]
+        width = max(map(len, prompts))
+        # The last token sampled is never fed back, so the cache needs steps - 1 columns past the prompts.
+        cache = KVCache([len(p) for p in prompts], width + steps - 1, self.config.n_layer, device)
+        padded = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)  # 0: masked
+        rows = list(range(len(prompts)))  # the prompt index of each batch row still going
+        logits = self._logits(self._hidden_states(padded, cache)[:, -1])
+        for step in range(steps):
+            tokens = sample_tokens(logits, temperature, top_k, [generators[row] for row in rows])
+            yield dict(zip(rows, tokens))
+            done = [token == stop_token or step + 1 == budgets[row] for row, token in zip(rows, tokens)]
+            going = [i for i, row_done in enumerate(done) if not row_done]
+            if not going:
+                return
+            if len(going) < len(rows):
+                cache.keep(torch.tensor(going, device=device))
+                rows, tokens = [rows[i] for i in going], [tokens[i] for i in going]
+            logits = self._logits(self._hidden_states(torch.tensor(tokens, device=device)[:, None], cache)[:, -1])

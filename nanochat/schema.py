@@ -231,16 +231,29 @@ def check_component(path: str, node) -> None:
 
 
 def check_values(path: str, node: dict, hints: dict, required: list[str], owner: str | None = None) -> None:
+    """path "" is the top level (a command-line tool's own keys)."""
     if not owner:
-        _check_keys(path, node, list(hints), what=path)
+        _check_keys(path, node, list(hints), what=path or "the config")
+    prefix = f"{path}." if path else ""
     for name in required:
         if name not in node:
             raise UserError(
-                f"{path}.{name} needs a value{f' ({owner} requires it)' if owner else ''}: set {path}.{name}=<value>."
+                f"{prefix}{name} needs a value{f' ({owner} requires it)' if owner else ''}: set {prefix}{name}=<value>."
             )
     for name, value in node.items():
         if name in hints and not fits(value, hints[name]):
-            raise UserError(f"{path}.{name}={show(value)} must be {describe(hints[name])}.")
+            raise UserError(f"{prefix}{name}={show(value)} must be {describe(hints[name])}.")
+
+
+def settings_from(schema: type, node: dict, path: str = ""):
+    """The settings dataclass `schema` built from a plain config node, once every key is one of its
+    fields and every value fits its type; UserError naming the first key that does not, or the
+    rule of its __post_init__ that fails. path "" is the top level (a command-line tool's keys)."""
+    check_values(path, node, typing.get_type_hints(schema), required=[f.name for f in dataclasses.fields(schema)])
+    try:
+        return schema(**node)
+    except InvalidArgument as error:
+        raise UserError(error.render(f"{path}." if path else "")) from None
 
 
 def _check_keys(path: str, node: dict, valid, what: str) -> None:

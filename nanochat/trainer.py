@@ -173,6 +173,8 @@ class Trainer:
             temperature=c.temperature,
             top_k=c.top_k,
             seed=self.config.seed,
+            device=self.device,
+            dtype=self.dtype,
         )
         for prompt, completion in samples:
             print(f"  sample | {prompt!r} -> {completion!r}")

@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from configs import compose
 
 from nanochat.assemble import Run, assemble
+from nanochat.checkpoint import TOKENIZER_FILE, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESSES_ALLOWED = {"now": False}  # set by conftest.py for tests marked slow
@@ -51,3 +53,20 @@ def start_train(*args: str, launcher: list[str] | None = None, env: dict | None 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_of(run_dir: Path, model_node: dict, model: torch.nn.Module, tokenizer, step: int = 1) -> Path:
+    """A run dir holding one complete checkpoint of `model` (built by model_node's _target_ from its
+    shape keys) and its tokenizer, as a finished run leaves it, for the tools that read one; the
+    weights are whatever the test gave the model, no training needed."""
+    identity = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
+    meta = {"config": {"model": model_node}, "tokenizer": identity, "sharded_optimizer": False}
+    save_checkpoint(
+        run_dir / "checkpoints",
+        step,
+        {"model": model.state_dict()},
+        meta,
+        keep_last=2,
+        texts={TOKENIZER_FILE: tokenizer.to_json()},
+    )
+    return run_dir
