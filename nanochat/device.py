@@ -125,8 +125,9 @@ class PrecisionChoice:
         else:
             slower = self.bfloat16_s / self.float32_s
             speed = f"{'over ' if not self.complete else ''}{slower:.2f}x slower than fp32"
+        threads = torch.get_num_threads()
         return (
-            f"{what}: bf16 measured {speed} on {torch.get_num_threads()} threads, "
+            f"{what}: bf16 measured {speed} on {threads} thread{'s' if threads > 1 else ''}, "
             f"so {str(self.dtype).removeprefix('torch.')}"
         )
 

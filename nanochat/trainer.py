@@ -246,17 +246,19 @@ class Trainer:
             self.step_optimizers.zero_grad()
             return self._forward_backward(inputs, targets)
 
+    def _micro_step(self, first: bool) -> torch.Tensor:
+        """Forward and backward on the next micro-batch; nothing here waits for the device."""
+        inputs, targets = next(self.train_loader)
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        return (self._first_forward_backward if first else self._forward_backward)(inputs, targets).detach()
+
     def train_step(self, step: int) -> dict:
         c = self.config
         self.clock.start()
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum_steps):
-            inputs, targets = next(self.train_loader)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            first = not self.warm and micro_step == 0
-            loss = (self._first_forward_backward if first else self._forward_backward)(inputs, targets)
-            loss_sum += loss.detach()
+            loss_sum += self._micro_step(first=not self.warm and micro_step == 0)
         self.step_optimizers.sync_gradients()
         grad_norm = self.step_optimizers.clip_grad_norm_(c.grad_clip)
         lrm = self.schedule(step, self.num_iterations)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.data.corpus import write_shards
-from nanochat.data.loader import TokenLoader
+from nanochat.data.loader import Prefetcher, TokenLoader
 from nanochat.errors import UserError
 
 B, T = 4, 16
@@ -141,3 +141,41 @@ def test_empty_file_list_is_a_user_error(tok):
 def test_more_ranks_than_row_groups_is_a_user_error(files, tok):
     with pytest.raises(UserError, match="world_size=16"):
         TokenLoader(files, tok, B, T, rank=0, world_size=16)
+
+
+def test_prefetcher_hands_out_the_loaders_batches_with_their_positions(files, tok):
+    plain = TokenLoader(files, tok, B, T, seed=1)
+    prefetched = Prefetcher(TokenLoader(files, tok, B, T, seed=1), pin_memory=False)
+    try:
+        assert prefetched.state_dict() == plain.state_dict()
+        for _ in range(25):  # past several row groups
+            expected, batch = next(plain), next(prefetched)
+            assert all(torch.equal(a, b) for a, b in zip(expected, batch, strict=True))
+            # The position after the batches handed out, although the thread has made more.
+            assert prefetched.state_dict() == plain.state_dict()
+    finally:
+        prefetched.close()
+
+
+def test_prefetcher_resumes_from_a_position_and_refuses_one_once_started(files, tok):
+    loader = TokenLoader(files, tok, B, T, seed=1)
+    for _ in range(7):
+        next(loader)
+    resumed = Prefetcher(TokenLoader(files, tok, B, T, seed=1), pin_memory=False)
+    resumed.load_state_dict(loader.state_dict())
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(next(loader), next(resumed), strict=True))
+        with pytest.raises(RuntimeError, match="after batches were prepared ahead"):
+            resumed.load_state_dict(loader.state_dict())
+    finally:
+        resumed.close()
+
+
+def test_prefetcher_ends_like_its_loader(files, tok):
+    expected = list(TokenLoader(files, tok, B, T, loop=False, shuffle=False))
+    prefetched = Prefetcher(TokenLoader(files, tok, B, T, loop=False, shuffle=False), pin_memory=False)
+    batches = list(prefetched)
+    prefetched.close()
+    assert len(batches) == len(expected)
+    with pytest.raises(StopIteration):
+        next(prefetched)
