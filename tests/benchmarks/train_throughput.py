@@ -29,6 +29,10 @@ round by round (A B C, then B C A, ...) so that the machine's load drifts over a
 The table gives each variant's median over rounds, every round's tok/s, and the ratio of medians
 to the first variant. Overrides outside the variants apply to all of them.
 
+--loss-head plain swaps GPT's chunked loss head (nanochat/loss_head.py) for nanochat's head in one
+piece (lm_head, .float(), softcap, F.cross_entropy over the full logits), to measure what chunking
+saves in time and peak memory; a variant may carry it too ("plain: --loss-head=plain").
+
 Threads: torch's default (one per core), or --threads N (torch.set_num_threads in the run, and
 OMP_NUM_THREADS for variant processes). The load average is printed before and after: on a shared
 machine only ratios within one interleaved comparison mean something.
@@ -47,7 +51,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import nanochat.model
 from nanochat.assemble import assemble
 from nanochat.config import compose_cli, without_hydra
 from nanochat.device import measure_matmul_flops, synchronize
@@ -66,10 +72,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def measure(overrides: list[str], steps: int, warmup: int, threads: int | None) -> dict:
+def plain_loss_head(hidden, weight, targets, softcap, reduction, chunk_tokens):
+    """nanochat's head in one piece: the full [tokens, vocab] fp32 logits, softcapped, then F.cross_entropy."""
+    logits = F.linear(hidden, weight).float()
+    logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+
+
+def measure(overrides: list[str], steps: int, warmup: int, threads: int | None, loss_head: str) -> dict:
     """One run in this process; the figures described in the module docstring."""
     if threads:
         torch.set_num_threads(threads)
+    if loss_head == "plain":
+        nanochat.model.softcapped_cross_entropy = plain_loss_head
     start = time.perf_counter()
     all_overrides = [*QUIET, *overrides, f"trainer.num_iterations={warmup + steps}"]
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as run_dir:
@@ -100,6 +115,7 @@ def measure(overrides: list[str], steps: int, warmup: int, threads: int | None) 
     flops_per_sec = trainer.flops_per_token * tok_per_sec
     result = {
         "overrides": overrides,
+        "loss_head": loss_head,
         "device": str(device),
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compile": trainer.settings.system.compile,
@@ -142,6 +158,7 @@ def describe_run(r: dict) -> str:
     peaks = r["matmul_peak_flops"]
     rows = [
         ("config", " ".join(r["overrides"]) or "(defaults)"),
+        ("loss head", r["loss_head"]),
         ("device / dtype / compile", f"{r['device']} / {r['dtype']} / {r['compile']} on {r['threads']} threads"),
         ("tok/s", f"{r['tok_per_sec']:,.0f} (at the median step: {r['tok_per_sec_at_median_step']:,.0f})"),
         (
@@ -199,7 +216,9 @@ def compare(variants: list[tuple[str, list[str]]], common: list[str], args) -> d
                 command = [sys.executable, __file__, "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
-                command += ["--json", str(out), "--", *common, *overrides]
+                options = [o for o in overrides if o.startswith("--")]  # e.g. --loss-head=plain
+                settings = [o for o in overrides if not o.startswith("--")]
+                command += [*options, "--json", str(out), "--", *common, *settings]
                 done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(
@@ -250,6 +269,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--variant", action="append", default=[], help='"name: overrides"; two or more compare')
     parser.add_argument("--rounds", type=int, default=3, help="rounds of interleaved variants (default 3)")
+    parser.add_argument("--loss-head", choices=["chunked", "plain"], default="chunked", help="see above")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of printing it")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
@@ -259,7 +279,7 @@ def main() -> None:
             sys.exit("--variant needs at least two variants to compare")
         result = compare([parse_variant(v) for v in args.variant], args.overrides, args)
     else:
-        result = measure(args.overrides, args.steps, args.warmup, args.threads)
+        result = measure(args.overrides, args.steps, args.warmup, args.threads, args.loss_head)
         print(describe_run(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
