@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from nanochat.checkpoint import Checkpoint, check_model_matches, check_tokenizer_matches, load_newest_readable
 from nanochat.config import build, check_command_line, resolved, without_hydra
 from nanochat.data.loader import LaneLoader, ValidationRows
-from nanochat.device import peak_flops, resolve_device, resolve_dtype
+from nanochat.device import PRECISION_PROBE_ROWS, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
     broadcast_,
     check_same_config,
@@ -141,6 +141,13 @@ class Run:
                 self.lock.release()
 
 
+def matmul_weight_shapes(model: LanguageModel) -> list[tuple[int, int]]:
+    """The [out, in] shapes of the weights a forward pass multiplies by: the block matrices and
+    the output head (the token embedding is a lookup). Read off the meta model: nothing allocated."""
+    groups = model.param_groups()
+    return [tuple(p.shape) for p in groups["matrices"] + groups["unembedding"] if p.ndim == 2]
+
+
 def _prepare_data(components: Components):
     """The corpus on disk and its tokenizer: downloaded, converted or trained on first use."""
     corpus = components.data
@@ -194,7 +201,17 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
         if checkpoint is not None:
             check_model_matches(checkpoint, components.model, model_differences)
     device = resolve_device(settings.system.device)
-    dtype = resolve_dtype(settings.system.dtype, device)
+    allocator_note = keep_freed_memory(settings.system.keep_freed_memory, device)  # before any large tensor
+    if allocator_note:
+        print(allocator_note)
+    dtype, dtype_note = resolve_dtype(
+        settings.system.dtype,
+        device,
+        matmul_weight_shapes(components.model),
+        rows=min(settings.trainer.device_batch_size * components.model.sequence_len, PRECISION_PROBE_ROWS),
+    )
+    if dtype_note:
+        print(dtype_note)
     torch.manual_seed(settings.trainer.seed)
 
     corpus, tokenizer = main_first("preparing the data and the tokenizer", lambda: _prepare_data(components))

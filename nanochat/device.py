@@ -1,8 +1,17 @@
-"""Device and precision: which device to train on, the autocast context, and the peak FLOP/s
-that MFU is measured against."""
+"""Device and precision: which device to train on, the autocast context, the peak FLOP/s that MFU
+is measured against, how the host allocator keeps memory, and torch.compile with an eager fallback.
+
+Speed decisions that depend on the machine are measured here at start-up, never assumed: CPUs of
+one kind differ (with and without native bf16 matmul instructions, e.g. AVX-512 BF16 / AMX).
+"""
 
 import contextlib
+import ctypes
+import math
+import platform
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +37,17 @@ GPU_PEAK_BF16_FLOPS = (
     ("V100", 125e12),  # fp16: V100 has no bf16 tensor cores
 )
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# The largest value mallopt takes (an int): free memory at the top of the heap is only given back
+# beyond 2 GiB.
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+# Rows of the activations the dtype measurement multiplies by each weight: enough for the matmul
+# kernels to run at their full-size speed, few enough that start-up stays under a second.
+PRECISION_PROBE_ROWS = 1024
+
 
 def resolve_device(name: str) -> torch.device:
     """auto picks cuda > mps > cpu; under torchrun a CUDA device is this node's GPU number LOCAL_RANK."""
@@ -38,18 +58,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, where it is the norm; fp32 elsewhere unless asked."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def keep_freed_memory(enabled: bool, device: torch.device) -> str | None:
+    """On a Linux (glibc) CPU run, keep freed buffers in the process instead of returning them to
+    the kernel; call before the first large tensor. Returns a sentence for the log, or None.
 
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and
+    unmaps it on free, and trims the top of the heap above M_TRIM_THRESHOLD: a training step frees
+    and reallocates its activations every step, so each step page-faults them back in, zeroed by
+    the kernel. M_MMAP_MAX=0 serves large blocks from the heap and a 2 GiB trim threshold keeps
+    them there for the next step, at the cost of a resident set that stays at its peak. (Setting
+    either parameter also turns off glibc's sliding mmap threshold.) GPU runs keep their tensors on
+    the device, so this only applies to device cpu.
+    """
+    if not enabled or device.type != "cpu":
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"system.keep_freed_memory: not a glibc Linux system ({platform.system()}), allocator left as it is"
+    libc = ctypes.CDLL(None)
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
+        return "system.keep_freed_memory: glibc refused mallopt, allocator left as it is"
+    return (
+        "allocator: freed memory stays in this process (glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB; "
+        "system.keep_freed_memory=false turns this off)"
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -59,21 +90,117 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3, budget_s: float = 1.0) -> float:
+    """Best wall time of fn() over `repeats` calls after one warm-up call (kernel selection, first
+    touch of its buffers); stops early once budget_s is spent, after at least one timed call."""
+    fn()
+    synchronize(device)
+    deadline = time.perf_counter() + budget_s
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+def time_task(task: Callable[[torch.dtype], object], dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds task(dtype) takes (the measurement the precision choice rests on; tests replace it)."""
+    return best_time(lambda: task(dtype), device)
+
+
+@dataclass
+class PrecisionChoice:
+    dtype: torch.dtype
+    float32_s: float  # seconds for the whole measured work in fp32
+    bfloat16_s: float  # in bf16; a lower bound when `complete` is false
+    complete: bool  # false: bf16 was stopped once it had already taken longer than all of fp32
+
+    def describe(self, what: str) -> str:
+        if self.dtype == torch.bfloat16:
+            speed = f"{self.float32_s / self.bfloat16_s:.2f}x as fast as fp32"
+        else:
+            slower = self.bfloat16_s / self.float32_s
+            speed = f"{'over ' if not self.complete else ''}{slower:.2f}x slower than fp32"
+        threads = torch.get_num_threads()
+        return (
+            f"{what}: bf16 measured {speed} on {threads} thread{'s' if threads > 1 else ''}, "
+            f"so {str(self.dtype).removeprefix('torch.')}"
+        )
+
+
+def choose_precision(
+    tasks: Sequence[tuple[Callable[[torch.dtype], object], int]], device: torch.device
+) -> PrecisionChoice:
+    """bf16 or fp32, whichever runs `tasks` faster here. tasks: (task, count) pairs; task(dtype)
+    does one piece of the real work in that dtype and counts `count` times in the total. bf16 is
+    timed after fp32 and stopped as soon as it has taken longer than fp32's whole total, so a CPU
+    without native bf16 (where it can be 50x slower) costs a fraction of a second to rule it out."""
+    float32_s = sum(count * time_task(task, torch.float32, device) for task, count in tasks)
+    bfloat16_s = 0.0
+    for task, count in tasks:
+        bfloat16_s += count * time_task(task, torch.bfloat16, device)
+        if bfloat16_s >= float32_s:
+            return PrecisionChoice(torch.float32, float32_s, bfloat16_s, complete=False)
+    return PrecisionChoice(torch.bfloat16, float32_s, bfloat16_s, complete=True)
+
+
+def linear_tasks(weight_shapes: Sequence[tuple[int, int]], rows: int, device: torch.device) -> list:
+    """The model's matmuls as choose_precision tasks: activations [rows, in] times each distinct
+    weight [out, in], as F.linear runs them in fp32 and under bf16 autocast (casts included)."""
+    counts: dict[tuple[int, int], int] = {}
+    for shape in weight_shapes:
+        counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+    generator = torch.Generator(device=device).manual_seed(0)
+    tasks = []
+    for (fan_out, fan_in), count in counts.items():
+        x = torch.randn(rows, fan_in, device=device, generator=generator)
+        w = torch.randn(fan_out, fan_in, device=device, generator=generator)
+
+        def task(dtype: torch.dtype, x=x, w=w) -> torch.Tensor:
+            with autocast(device, dtype):
+                return torch.nn.functional.linear(x, w)
+
+        tasks.append((task, count))
+    return tasks
+
+
+def resolve_dtype(
+    name: str, device: torch.device, weight_shapes: Sequence[tuple[int, int]] = (), rows: int = PRECISION_PROBE_ROWS
+) -> tuple[torch.dtype, str | None]:
+    """The autocast dtype, and a sentence for the log when it was measured.
+
+    auto: bf16 on CUDA, where it is the norm (as nanochat); fp32 on MPS; on a CPU, bf16 only where
+    the model's own matmuls (weight_shapes, with `rows` activation rows, at this thread count)
+    measure faster in bf16 autocast than in fp32."""
+    if name != "auto":
+        return getattr(torch, name), None
+    if device.type == "cuda":
+        return torch.bfloat16, None
+    if device.type != "cpu" or not weight_shapes:
+        return torch.float32, None
+    choice = choose_precision(linear_tasks(weight_shapes, rows, device), device)
+    return choice.dtype, choice.describe("system.dtype=auto, the model's matmuls")
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of square matmuls at this dtype: the practical peak of a device with no datasheet."""
+    """Best FLOP/s of square matmuls at this dtype: the practical peak of a device with no datasheet.
+    One matmul per timing, so a dtype the device runs slowly (bf16 without native instructions,
+    ~1-3 s per 1024^3 matmul) still finishes after a warm-up and one timed call."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm up the kernel choice
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b)
-        synchronize(device)
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
-    return best
+    seconds_per_matmul = best_time(lambda: torch.matmul(a, b), device, repeats=1_000_000, budget_s=seconds)
+    return 2 * size**3 / seconds_per_matmul
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float | None, str]:
@@ -91,3 +218,33 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None)
         f"MFU on {device.type} is against a peak measured now by a {str(dtype).removeprefix('torch.')} "
         f"matmul: {flops / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads"
     )
+
+
+class CompiledOrEager:
+    """torch.compile(fn), falling back to fn itself, with one line saying so, if the first call
+    fails: compilation happens there (Inductor needs a C++ compiler on a CPU, a working Triton on a
+    GPU). A failure of fn itself fails eager too and is raised. After the first successful call,
+    errors are fn's own and propagate."""
+
+    def __init__(self, fn: Callable, what: str, **compile_options):
+        self.eager = fn
+        self.what = what
+        self.current = torch.compile(fn, **compile_options)
+        self.compiled = True
+        self.checked = False
+
+    def fall_back(self, error: BaseException) -> None:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"torch.compile failed for {self.what} ({type(error).__name__}: {first_line[:200]}); running it eager")
+        self.current, self.compiled, self.checked = self.eager, False, True
+
+    def __call__(self, *args, **kwargs):
+        if self.checked:
+            return self.current(*args, **kwargs)
+        try:
+            result = self.current(*args, **kwargs)
+        except Exception as error:
+            self.fall_back(error)
+            return self.eager(*args, **kwargs)
+        self.checked = True
+        return result

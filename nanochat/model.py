@@ -10,7 +10,10 @@ Architecture choices that differ from GPT-2 / nanoGPT:
   the MLP and before the head
 - no biases in any linear layer
 - untied token embedding and output head
-- logits computed in fp32 and soft-capped to (-15, 15) with 15 * tanh(logits / 15)
+- logits computed in fp32 and soft-capped to (-15, 15) with 15 * tanh(logits / 15); with targets,
+  the head, the softcap and the cross-entropy run over chunks of tokens (nanochat/loss_head.py),
+  so the full [tokens, vocab] fp32 logits are never materialised; the loss is the same to float
+  rounding
 - init: Linear std = 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)), embedding std 1, and the
   output head plus every residual-branch output projection (attn.c_proj, mlp.c_proj) start at zero,
   so each block starts as the identity and the initial prediction is uniform
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from nanochat.errors import InvalidArgument
 from nanochat.interface import generate_batch
+from nanochat.loss_head import softcapped_cross_entropy
 
 ROTARY_BASE = 10_000
 LOGIT_SOFTCAP = 15.0
@@ -37,6 +41,11 @@ LOGIT_SOFTCAP = 15.0
 # on longer sequences than it was trained on. It is also the context generation can fill
 # (GPT.context_len): a sequence stops there, as there is no rotation for the next position.
 ROTARY_LENGTH_FACTOR = 10
+# fp32 logits per chunk of the loss head. On a CPU a chunk's few [tokens, vocab] buffers stay
+# cache-sized; on a GPU chunks are large enough that the per-chunk kernel launches do not count
+# (d20's 65,536 tokens x 65,536 vocab: 32 chunks of 2,048 tokens, 512 MiB per buffer).
+LOSS_CHUNK_LOGITS = {"cpu": 2**20}
+LOSS_CHUNK_LOGITS_ELSEWHERE = 2**27
 
 
 @dataclass
@@ -336,10 +345,18 @@ class GPT(nn.Module):
         """idx: int64 [B, T]. Returns fp32 logits [B, T, vocab_size] without targets; with targets
         (int64 [B, T], -1 = ignore) the cross-entropy in nats: a scalar for "mean", [B, T] for
         "none" (ignored positions are 0 there)."""
-        logits = self._logits(self._hidden_states(idx))
+        hidden = self._hidden_states(idx)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
+            return self._logits(hidden)
+        chunk_logits = LOSS_CHUNK_LOGITS.get(hidden.device.type, LOSS_CHUNK_LOGITS_ELSEWHERE)
+        loss = softcapped_cross_entropy(
+            hidden.flatten(0, 1),
+            self.lm_head.weight,
+            targets.flatten(),
+            LOGIT_SOFTCAP,
+            loss_reduction,
+            chunk_tokens=max(1, chunk_logits // self.config.vocab_size),
+        )
         return loss.view_as(targets) if loss_reduction == "none" else loss
 
     def generate(

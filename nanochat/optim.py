@@ -13,6 +13,11 @@ builder made them. The values of every argument live in conf/optimizer/*.yaml.
   scaled by (width / 768) ** -0.5 (the base lrs were tuned at width 768); Muon for every matrix
   inside the network, with its momentum warmed up over the first steps; parameters of no other
   role (norm gains, biases: nanochat's GPT has none) to AdamW at other_lr.
+
+AdamW runs torch's fused kernel wherever the parameters live on a device that has one (CUDA, as
+nanochat, and the CPU): one pass over each parameter instead of a dozen. Measured on a 2-core AMD
+EPYC (AVX2), one thread, d4's embedding and lm_head (2 x 4096 x 256): 5.7 ms per step fused
+against 17.7 ms with foreach (median of 3, /tmp benchmark of torch.optim.AdamW.step()).
 """
 
 from collections.abc import Sequence
@@ -20,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from nanochat.errors import InvalidArgument
 from nanochat.interface import LanguageModel, grouped_parameters
@@ -45,7 +51,7 @@ def adamw(
         dict(params=decay, weight_decay=weight_decay, name="decay"),
         dict(params=[p for p in model.parameters() if id(p) in no_decay], weight_decay=0.0, name="no_decay"),
     ]
-    optimizers = [torch.optim.AdamW(param_groups, lr=lr, betas=_as_pair(betas), eps=eps)]
+    optimizers = [torch.optim.AdamW(param_groups, lr=lr, betas=_as_pair(betas), eps=eps, fused=_fused(model))]
     return _finalise(model, optimizers)
 
 
@@ -62,7 +68,7 @@ def adamw_muon(
     momentum_start: float,
     momentum_warmup_steps: int,
     ns_steps: int,
-    ns_dtype: Literal["bfloat16", "float32"],
+    ns_dtype: Literal["auto", "bfloat16", "float32"],
 ) -> list[torch.optim.Optimizer]:
     _check_learning_rates(
         embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, matrix_lr=matrix_lr, other_lr=other_lr
@@ -75,7 +81,9 @@ def adamw_muon(
     ]
     if groups["other"]:
         adam_groups.append(dict(params=groups["other"], lr=other_lr, name="other"))
-    adam = torch.optim.AdamW(adam_groups, betas=_as_pair(adam_betas), eps=adam_eps, weight_decay=weight_decay)
+    adam = torch.optim.AdamW(
+        adam_groups, betas=_as_pair(adam_betas), eps=adam_eps, weight_decay=weight_decay, fused=_fused(model)
+    )
     muon_group = dict(
         params=groups["matrices"],
         lr=matrix_lr,
@@ -87,6 +95,11 @@ def adamw_muon(
     )
     muon = Muon([muon_group], ns_steps=ns_steps, ns_dtype=ns_dtype)
     return _finalise(model, [adam, muon])
+
+
+def _fused(model: nn.Module) -> bool:
+    """Whether AdamW can run fused here: not on the meta device, where check() builds a dry run."""
+    return next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
 
 
 def _as_pair(betas: Sequence[float]) -> tuple[float, float]:

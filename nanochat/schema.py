@@ -124,6 +124,7 @@ class SystemConfig:
     compile: bool
     peak_flops: float | None  # FLOP/s that MFU divides by; null: the GPU's datasheet, or measured on a CPU
     shard_optimizer: bool  # under torchrun: ZeRO-2 (true) or every rank keeps all optimizer state
+    keep_freed_memory: bool  # CPU runs on glibc: freed buffers stay in the process (nanochat/device.py)
     quiet_ranks: bool  # under torchrun: ranks other than 0 print only warnings and errors
 
     def __post_init__(self):

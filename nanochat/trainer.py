@@ -9,6 +9,18 @@ One optimizer step (see DESIGN.md, "Data flow of one step"):
 The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
 Under torchrun every rank runs this loop in step; nanochat/data_parallel.py holds what differs.
 
+Speed (measured by tests/benchmarks/train_throughput.py):
+- the next batch is prepared in a background thread (nanochat/data/loader.py Prefetcher), pinned
+  and copied non_blocking on CUDA; the micro-step loop never waits for the device, and each step
+  waits once, for the loss, the stop flag and the grad norm fetched in one copy;
+- with system.compile the model is compiled once, for training: evaluation and sampling run the
+  uncompiled model, so no second graph is compiled for eval mode, no_grad and per-token losses. If
+  compilation fails (no C++ compiler for Inductor on a CPU, no working Triton on a GPU) the run
+  says so in one line and trains eager. Optimizers with a compile() method (Muon) compile theirs;
+- after the first step in this process the objects alive so far (modules, compiled code, imported
+  libraries) are frozen out of Python's garbage collector (gc.freeze), so its full collections
+  stop walking them; they are unfrozen when fit() returns.
+
 A checkpoint taken after update s-1 holds everything the next steps depend on (weights, optimizer
 states, loader position, RNG states, loss EMA, clocks), so a run resumed from it continues exactly
 as if it had never stopped: on a CPU its losses are bitwise the uninterrupted run's. SIGTERM and
@@ -16,6 +28,7 @@ SIGINT finish the step in flight, write such a checkpoint and return; under torc
 at every step whether any of them was signalled, so they all stop after the same step.
 """
 
+import gc
 import math
 import random
 import signal
@@ -34,9 +47,9 @@ from nanochat.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from nanochat.data.loader import merge_lane_states
+from nanochat.data.loader import Prefetcher, merge_lane_states
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
-from nanochat.device import autocast, synchronize
+from nanochat.device import CompiledOrEager, autocast
 from nanochat.distributed import RankFailed, all_reduce_sum_, is_main, rank
 from nanochat.errors import UserError
 from nanochat.evaluation import evaluate_bpb, sample_completions
@@ -105,15 +118,20 @@ class Trainer:
         """model: any nanochat/interface.py LanguageModel, on its device with its weights set."""
         self.settings = settings
         self.config = config = settings.trainer
-        self.model = model  # the uncompiled module: its state_dict and generate() are what we save and sample
-        self.forward = torch.compile(model) if settings.system.compile else model
+        self.model = model  # the uncompiled module: what we save, evaluate and sample
+        self.forward = CompiledOrEager(model, "the model") if settings.system.compile else model
         self.optimizers = optimizers
+        if settings.system.compile:
+            for optimizer in optimizers:
+                if callable(getattr(optimizer, "compile", None)):
+                    optimizer.compile()
         self.schedule = schedule
         if shards_state(settings.system.shard_optimizer, world_size):
             self.step_optimizers = ShardedOptimizers(optimizers, rank(), world_size)
         else:
             self.step_optimizers = ReplicatedOptimizers(optimizers, world_size)
-        self.train_loader = train_loader  # an iterator of (inputs, targets) with state_dict()
+        # an iterator of (inputs, targets) with state_dict(), prepared one batch ahead
+        self.train_loader = Prefetcher(train_loader, pin_memory=device.type == "cuda")
         self.make_val_batches = make_val_batches
         self.tokenizer = tokenizer
         self.token_bytes = tokenizer.token_bytes()
@@ -139,6 +157,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.stopping = False  # some rank was signalled before this step's all-reduce
+        self.warm = False  # a step has run in this process: compiled, allocator and caches warm
 
     def describe(self) -> str:
         c = self.config
@@ -153,12 +172,14 @@ class Trainer:
                 f"grad accumulation {self.grad_accum_steps}, optimizer state "
                 f"{'sharded over' if self.step_optimizers.sharded else 'replicated on'} {self.world_size} ranks",
                 f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
-                f"{' autocast' if self.dtype != torch.float32 else ''}, compile={self.settings.system.compile}",
+                f"{' autocast' if self.dtype != torch.float32 else ''}, compile={self.settings.system.compile}"
+                f"{' (training only: evaluation and samples run eager)' if self.settings.system.compile else ''}",
             ]
         )
 
     def evaluate(self) -> float:
-        return evaluate_bpb(self.forward, self.make_val_batches(), self.token_bytes, self.device, self.dtype)
+        # Eager, not self.forward: a compiled model would compile a second graph for evaluation.
+        return evaluate_bpb(self.model, self.make_val_batches(), self.token_bytes, self.device, self.dtype)
 
     def sample(self, step: int) -> None:
         """Rank 0 only: the weights are the same everywhere."""
@@ -246,44 +267,69 @@ class Trainer:
         self.start_step = checkpoint.step
         return restored_data
 
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            loss = self.forward(inputs, targets)
+        (loss / self.grad_accum_steps).backward()
+        return loss
+
+    def _first_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The first micro-step compiles the forward and, lazily, the backward graph; if the
+        backward's compilation fails, this micro-step is redone eager (no gradient has been
+        accumulated before it). CompiledOrEager already covers a failing forward."""
+        try:
+            return self._forward_backward(inputs, targets)
+        except Exception as error:
+            if not (isinstance(self.forward, CompiledOrEager) and self.forward.compiled):
+                raise
+            self.forward.fall_back(error)
+            self.step_optimizers.zero_grad()
+            return self._forward_backward(inputs, targets)
+
+    def _micro_step(self, first: bool) -> torch.Tensor:
+        """Forward and backward on the next micro-batch; nothing here waits for the device."""
+        inputs, targets = next(self.train_loader)
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        return (self._first_forward_backward if first else self._forward_backward)(inputs, targets).detach()
+
     def train_step(self, step: int) -> dict:
         c = self.config
         self.clock.start()
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum_steps):
-            inputs, targets = next(self.train_loader)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                loss = self.forward(inputs, targets)
-            (loss / self.grad_accum_steps).backward()
-            loss_sum += loss.detach()
+        for micro_step in range(self.grad_accum_steps):
+            loss_sum += self._micro_step(first=not self.warm and micro_step == 0)
         self.step_optimizers.sync_gradients()
         grad_norm = self.step_optimizers.clip_grad_norm_(c.grad_clip)
         # One small all-reduce per step: the loss averaged over ranks, and whether any rank was
-        # asked to stop (so that all of them stop after this same step).
-        stop_requested = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        # asked to stop (so that all of them stop after this same step). torch.full fills on the
+        # device: no host-to-device copy.
+        stop_requested = torch.full((), float(self.stop_signal is not None), device=self.device)
         shared = torch.stack([loss_sum / self.grad_accum_steps, stop_requested])
         all_reduce_sum_(shared)
-        train_loss = shared[0].item() / self.world_size  # .item() also waits for the device
+        # The step's one wait for the device: these three numbers come back in one copy.
+        loss_total, stop_votes, grad_norm_value = torch.cat([shared, grad_norm.reshape(1).float()]).tolist()
+        train_loss = loss_total / self.world_size
         # Decided from the agreed flag only: a signal landing after this all-reduce counts next step.
-        self.stopping = shared[1].item() > 0
-        norm = grad_norm.item()  # the global norm: the same on every rank, as is the mean loss
+        self.stopping = stop_votes > 0
         lrm = self.schedule(step, self.num_iterations)
-        if math.isfinite(train_loss) and math.isfinite(norm):
+        if math.isfinite(train_loss) and math.isfinite(grad_norm_value):
             apply_schedule(self.optimizers, step, lrm)
             self.step_optimizers.step()
             self.skipped_in_a_row = 0
         else:
-            self._skip_nonfinite(step, train_loss, norm)
+            self._skip_nonfinite(step, train_loss, grad_norm_value)
         self.step_optimizers.zero_grad()
-        synchronize(self.device)
         dt = self.clock.stop(step)
+        if not self.warm:
+            gc.collect()
+            gc.freeze()
+            self.warm = True
         tok_per_sec = c.total_batch_size / dt
         metrics = {
             "train/loss": train_loss,
             "train/loss_ema": self.loss_ema.update(train_loss) if self.skipped_in_a_row == 0 else self.loss_ema.debiased(),
-            "train/grad_norm": norm,
+            "train/grad_norm": grad_norm_value,
             "train/skipped_steps": self.skipped_steps,
             "train/lrm": lrm,
             "train/tok_per_sec": tok_per_sec,
@@ -309,6 +355,12 @@ class Trainer:
             f"step(s) in a row (trainer.skip_nonfinite={allowed}); the checkpoints before it are kept as they were."
         )
         raise UserError(message) if is_main() else RankFailed(message)
+
+    def close(self) -> None:
+        """Stop the batch-prefetching thread and give the frozen objects back to the collector."""
+        self.train_loader.close()
+        if self.warm:
+            gc.unfreeze()
 
     def progress_line(self, step: int, metrics: dict) -> str:
         eta = self.clock.eta_seconds(self.num_iterations - step - 1, metrics["train/dt"])
@@ -372,6 +424,7 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            self.close()
         final["wall_time"] = time.perf_counter() - wall_start
         final["min_val_bpb"] = self.min_val_bpb
         return final

@@ -114,7 +114,10 @@ MISTAKES = [
     (["system.dtype=float16"], "system.dtype=float16 must be one of auto, float32, bfloat16."),
     (["system.device=tpu"], "system.device=tpu must be one of auto, cpu, cuda, mps."),
     (["logger.mode=loud"], "logger.mode=loud must be one of offline, online, disabled."),
-    (["optimizer=adamw_muon", "optimizer.ns_dtype=fp16"], "optimizer.ns_dtype=fp16 must be one of bfloat16, float32."),
+    (
+        ["optimizer=adamw_muon", "optimizer.ns_dtype=fp16"],
+        "optimizer.ns_dtype=fp16 must be one of auto, bfloat16, float32.",
+    ),
     (["model=_gpt"], "model.n_layer needs a value (it is ??? in the YAML): set model.n_layer=<value>."),
     (["data=local"], "data.path needs a value (it is ??? in the YAML): set data.path=<value>."),
     (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate is not a key of optimizer; did you mean optimizer.lr?"),

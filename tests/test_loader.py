@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat.data.corpus import write_shards
-from nanochat.data.loader import LaneLoader, TokenLoader, ValidationRows, merge_lane_states
+from nanochat.data.loader import LaneLoader, Prefetcher, TokenLoader, ValidationRows, merge_lane_states
 from nanochat.errors import UserError
 
 B, T = 4, 16
@@ -210,3 +210,41 @@ def test_validation_rows_are_split_over_ranks_without_loss_or_repeat(files, tok)
         assert sorted(r.tolist() for r in real) == sorted(r.tolist() for r in rows.inputs)
         padding = [targets for rank_batches in batches for _, y in rank_batches for targets in y if targets[0] < 0]
         assert all((targets == -1).all() for targets in padding)
+
+
+def test_prefetcher_hands_out_the_loaders_batches_with_their_positions(files, tok):
+    plain = TokenLoader(files, tok, B, T, seed=1)
+    prefetched = Prefetcher(TokenLoader(files, tok, B, T, seed=1), pin_memory=False)
+    try:
+        assert prefetched.state_dict() == plain.state_dict()
+        for _ in range(25):  # past several row groups
+            expected, batch = next(plain), next(prefetched)
+            assert all(torch.equal(a, b) for a, b in zip(expected, batch, strict=True))
+            # The position after the batches handed out, although the thread has made more.
+            assert prefetched.state_dict() == plain.state_dict()
+    finally:
+        prefetched.close()
+
+
+def test_prefetcher_resumes_from_a_position_and_refuses_one_once_started(files, tok):
+    loader = TokenLoader(files, tok, B, T, seed=1)
+    for _ in range(7):
+        next(loader)
+    resumed = Prefetcher(TokenLoader(files, tok, B, T, seed=1), pin_memory=False)
+    resumed.load_state_dict(loader.state_dict())
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(next(loader), next(resumed), strict=True))
+        with pytest.raises(RuntimeError, match="after batches were prepared ahead"):
+            resumed.load_state_dict(loader.state_dict())
+    finally:
+        resumed.close()
+
+
+def test_prefetcher_ends_like_its_loader(files, tok):
+    expected = list(TokenLoader(files, tok, B, T, loop=False, shuffle=False))
+    prefetched = Prefetcher(TokenLoader(files, tok, B, T, loop=False, shuffle=False), pin_memory=False)
+    batches = list(prefetched)
+    prefetched.close()
+    assert len(batches) == len(expected)
+    with pytest.raises(StopIteration):
+        next(prefetched)

@@ -3,7 +3,8 @@ import torch
 from configs import build_optimizers
 
 from nanochat.model import GPT, GPTConfig
-from nanochat.muon import Muon, zeropower_via_newtonschulz5
+from nanochat.muon import Muon, resolve_ns_dtype, zeropower_via_newtonschulz5
+from nanochat.muon import stacks as muon_stacks
 from nanochat.optim import apply_schedule, check_groups_cover_model, muon_momentum
 
 D4_LIKE = GPTConfig(sequence_len=32, vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
@@ -98,7 +99,7 @@ def test_muon_with_float32_newton_schulz_steps_by_the_fp32_update():
 
 
 def test_muon_refuses_an_unknown_newton_schulz_dtype():
-    with pytest.raises(ValueError, match="ns_dtype='float16' is not one of bfloat16, float32"):
+    with pytest.raises(ValueError, match="ns_dtype='float16' is not one of auto, bfloat16, float32"):
         Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_dtype="float16")
 
 
@@ -169,3 +170,67 @@ def test_three_optimizer_steps_move_every_parameter_of_a_freshly_initialised_mod
             optimizer.zero_grad(set_to_none=True)
     unchanged = [name for (name, p), b in zip(model.named_parameters(), before) if torch.equal(b, p)]
     assert unchanged == []
+
+
+def per_matrix_muon_step(params, lr, momentum, buffers, ns_dtype):
+    """Muon's step written one matrix at a time (the reference the batched step must equal)."""
+    with torch.no_grad():
+        for p in params:
+            buffer = buffers.setdefault(p, torch.zeros_like(p))
+            buffer.lerp_(p.grad, 1 - momentum)
+            update = zeropower_via_newtonschulz5(p.grad.lerp(buffer, momentum), 5, ns_dtype)
+            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def mixed_matrices(seed: int = 0) -> list[torch.nn.Parameter]:
+    """Square, wide and tall matrices, the tall ones stacked with the wide ones' transposes."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(32, 32), (32, 128), (128, 32), (32, 32), (128, 32), (16, 24)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+
+
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    stack = torch.randn(5, 32, 96, generator=generator)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+        batched = zeropower_via_newtonschulz5(stack, 5, dtype).float()
+        single = torch.stack([zeropower_via_newtonschulz5(m, 5, dtype).float() for m in stack])
+        assert ((batched - single).norm() / single.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("ns_dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2**-7)])
+def test_batched_muon_steps_equal_per_matrix_steps(ns_dtype, tolerance):
+    params, reference = mixed_matrices(), mixed_matrices()
+    optimizer = Muon(params, lr=0.02, momentum=0.9, nesterov=True, ns_steps=5, ns_dtype=ns_dtype)
+    assert len(muon_stacks(params)) == 3  # (32, 32) x2, (32, 128) x4 with the tall ones, (16, 24)
+    buffers = {}
+    for step in range(3):
+        generator = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(params, reference, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        per_matrix_muon_step(reference, 0.02, 0.9, buffers, getattr(torch, ns_dtype))
+    for p, q in zip(params, reference, strict=True):
+        assert ((p - q).norm() / q.norm()).item() < tolerance
+        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], buffers[q])
+
+
+def test_auto_newton_schulz_dtype_is_measured_on_a_cpu_and_bf16_elsewhere(monkeypatch, capsys):
+    import nanochat.device as device_module
+    import nanochat.muon as muon_module
+
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    timings = {torch.float32: 1.0, torch.bfloat16: 40.0}
+    monkeypatch.setattr(device_module, "time_task", lambda task, dtype, device: timings[dtype])
+    params = mixed_matrices()
+    assert resolve_ns_dtype("auto", params, 5) == "float32"
+    assert "optimizer.ns_dtype=auto, Muon's Newton-Schulz: bf16 measured over" in capsys.readouterr().out
+    timings[torch.bfloat16] = 0.5
+    assert resolve_ns_dtype("auto", params, 5) == "float32"  # measured once per process and shapes
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    assert resolve_ns_dtype("auto", params, 5) == "bfloat16"
+    with torch.device("meta"):
+        on_a_gpu_like_device = [torch.nn.Parameter(torch.empty(8, 8))]
+    assert resolve_ns_dtype("auto", on_a_gpu_like_device, 5) == "bfloat16"
+    assert resolve_ns_dtype("float32", params, 5) == "float32"

@@ -13,12 +13,17 @@
   into the stream only as batches need them. The position is therefore (epoch, row group index,
   document index) plus the few tokens buffered but not yet emitted, which is what state_dict()
   holds: restoring it replays exactly the batches an uninterrupted loader would have produced.
+- Prefetcher wraps a loader for training: the next batch is made in a background thread while the
+  current step runs (pinned for an asynchronous host-to-GPU copy on CUDA), with positions that
+  still belong to the batches handed out.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +316,73 @@ class ValidationRows:
                 inputs = torch.cat([inputs, torch.zeros(padding, inputs.size(1), dtype=inputs.dtype)])
                 targets = torch.cat([targets, torch.full((padding, targets.size(1)), -1, dtype=targets.dtype)])
             yield inputs, targets
+
+
+class Prefetcher:
+    """An iterator of a loader's batches, each prepared in a background thread while the step
+    before it runs, and on CUDA copied into pinned memory so that .to(device, non_blocking=True)
+    is a real asynchronous copy (from pageable memory it waits for the GPU).
+
+    The thread starts at the first next(). state_dict() is the loader's position after the last
+    batch handed out (not after the ones prepared ahead), recorded by the thread together with
+    each batch, so a checkpoint resumes exactly where training was; load_state_dict() is only
+    possible before the first batch. close() stops the thread."""
+
+    def __init__(self, loader: TokenLoader | LaneLoader, pin_memory: bool):
+        self.loader = loader
+        self.pin_memory = pin_memory
+        self._state = loader.state_dict()
+        # One batch waiting and one in the making: the thread is never more than two ahead.
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self.loader)
+                if self.pin_memory:
+                    batch = tuple(t.pin_memory() for t in batch)
+                self._offer((batch, self.loader.state_dict()))
+        except BaseException as error:  # StopIteration at the end of a non-looping loader, or a failure
+            self._offer(error)
+
+    def _offer(self, item) -> None:
+        """Queue item once there is room, unless close() is called meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # every later next() ends the same way
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def continues(self, state: dict) -> bool:
+        return self.loader.continues(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("Prefetcher.load_state_dict() after batches were prepared ahead")
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
