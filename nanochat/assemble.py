@@ -25,6 +25,7 @@ from nanochat.data.loader import LaneLoader, ValidationRows
 from nanochat.device import PRECISION_PROBE_ROWS, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
     broadcast_,
+    broadcast_object,
     check_same_config,
     is_main,
     launch_command,
@@ -148,6 +149,25 @@ def matmul_weight_shapes(model: LanguageModel) -> list[tuple[int, int]]:
     return [tuple(p.shape) for p in groups["matrices"] + groups["unembedding"] if p.ndim == 2]
 
 
+def _autocast_dtype(components: Components, device: torch.device, checkpoint: Checkpoint | None) -> torch.dtype:
+    """system.dtype, with `auto` decided once per run: a CPU's measurement (resolve_dtype) is rank
+    0's for every rank, and a run resumed on the same kind of device keeps the dtype it was
+    measured with, so that its steps are the ones it would have taken without stopping."""
+    settings = components.settings
+    saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
+    if settings.system.dtype == "auto" and saved is not None and saved["device"] == device.type:
+        print(f"system.dtype=auto: {saved['dtype']}, as measured when the run started")
+        return getattr(torch, saved["dtype"])
+    name = None
+    if is_main():
+        rows = min(settings.trainer.device_batch_size * components.model.sequence_len, PRECISION_PROBE_ROWS)
+        dtype, note = resolve_dtype(settings.system.dtype, device, matmul_weight_shapes(components.model), rows)
+        if note:
+            print(note)
+        name = str(dtype).removeprefix("torch.")
+    return getattr(torch, broadcast_object(name))
+
+
 def _prepare_data(components: Components):
     """The corpus on disk and its tokenizer: downloaded, converted or trained on first use."""
     corpus = components.data
@@ -204,14 +224,7 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
     allocator_note = keep_freed_memory(settings.system.keep_freed_memory, device)  # before any large tensor
     if allocator_note:
         print(allocator_note)
-    dtype, dtype_note = resolve_dtype(
-        settings.system.dtype,
-        device,
-        matmul_weight_shapes(components.model),
-        rows=min(settings.trainer.device_batch_size * components.model.sequence_len, PRECISION_PROBE_ROWS),
-    )
-    if dtype_note:
-        print(dtype_note)
+    dtype = _autocast_dtype(components, device, checkpoint)
     torch.manual_seed(settings.trainer.seed)
 
     corpus, tokenizer = main_first("preparing the data and the tokenizer", lambda: _prepare_data(components))
@@ -266,7 +279,11 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
             device,
             dtype,
             peak,
-            checkpoint_meta={"config": config, "tokenizer": tokenizer_identity},
+            checkpoint_meta={
+                "config": config,
+                "tokenizer": tokenizer_identity,
+                "autocast": {"device": device.type, "dtype": str(dtype).removeprefix("torch.")},
+            },
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,
         )

@@ -23,6 +23,7 @@ def tiny(data_dir, *extra: str) -> list[str]:
         f"data.val_bytes={FAKE_VAL_BYTES}",
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
+        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
         "model.sequence_len=64",
         "trainer.device_batch_size=4",
         "trainer.num_iterations=6",

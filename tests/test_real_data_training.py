@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 # A 2-layer model for 60 steps with evaluations at 0, 30 and 60: seconds on a CPU.
 TINY_RUN = [
-    "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64",
+    "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64", "system.dtype=float32",
     "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
     "eval.every=30", "eval.tokens=2048", "sample.tokens=8", "logger=none",
 ]  # fmt: skip

@@ -49,6 +49,7 @@ def tiny_run(*extra: str) -> list[str]:
     return [
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
+        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
         "model.sequence_len=64",
         "trainer.device_batch_size=4",
         "trainer.total_batch_size=512",  # two micro-steps per update

@@ -44,6 +44,7 @@ def tiny_run_overrides(data_dir: Path, *extra: str) -> list[str]:
     return [
         *fake_corpus_overrides(data_dir),
         "model.n_layer=2",
+        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
         "model.sequence_len=64",
         "trainer.device_batch_size=8",
         "trainer.total_batch_size=1024",  # two micro-steps: grad accumulation is exercised
@@ -139,6 +140,20 @@ def test_a_new_run_from_a_checkpoint_trains_at_its_own_learning_rates(shakespear
         torch.testing.assert_close(half - start_weight, 0.5 * (full - start_weight), rtol=1e-4, atol=1e-7)
     heads = [run.trainer.model.lm_head.weight for run in runs.values()]
     assert torch.equal(*heads)  # AdamW's groups unchanged: identical updates
+
+
+def test_a_continued_auto_dtype_run_keeps_the_dtype_measured_when_it_started(shakespeare_data_dir, tmp_path, monkeypatch):
+    """system.dtype=auto decides by measuring, and a measurement can come out otherwise the next
+    time: the continued run takes the dtype its checkpoint was trained with, not a new measurement."""
+    measured = iter([torch.bfloat16, torch.float32])  # what two start-up measurements would say
+    monkeypatch.setattr("nanochat.assemble.resolve_dtype", lambda *args: (next(measured), None))
+    run_dir = tmp_path / "run"
+    auto = tiny_run_overrides(shakespeare_data_dir, "system.dtype=auto", "trainer.num_iterations=2")
+    assemble_run(*auto, run_dir=run_dir).fit()
+    continued = assemble_run(*auto[:-1], "trainer.num_iterations=3", run_dir=run_dir)
+    assert continued.trainer.start_step == 2 and continued.trainer.dtype == torch.bfloat16
+    fresh = assemble_run(*auto, run_dir=tmp_path / "fresh")
+    assert fresh.trainer.dtype == torch.float32
 
 
 def test_continuing_a_run_refuses_a_changed_setting_and_accepts_it_when_asked(shakespeare_data_dir, tmp_path):
