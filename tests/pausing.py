@@ -10,7 +10,8 @@ SIGTERM then SIGCONT), and so the signal lands at that point however loaded the 
                                    write (8 per single-process save: 5 files, the marker, the folder,
                                    then the parent after the rename)
     NANOCHAT_PAUSE_RANK=r          under torchrun, only rank r pauses (default 0); it writes its pid
-                                   to $NANOCHAT_PAUSE_PID_FILE first
+                                   to $NANOCHAT_PAUSE_PID_FILE first. Under torchrun --max-restarts,
+                                   only the first attempt pauses
 """
 
 import os
@@ -26,7 +27,8 @@ def pause():
     os.kill(os.getpid(), signal.SIGSTOP)
 
 pause_rank = int(os.environ.get("NANOCHAT_PAUSE_RANK", "0"))
-if int(os.environ.get("RANK", "0")) == pause_rank:
+first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # a restarted job runs on
+if int(os.environ.get("RANK", "0")) == pause_rank and first_attempt:
     if "NANOCHAT_PAUSE_PID_FILE" in os.environ:
         with open(os.environ["NANOCHAT_PAUSE_PID_FILE"], "w") as f:
             f.write(str(os.getpid()))

@@ -1,6 +1,10 @@
-"""Benchmark: tokens/s of TokenLoader (parquet read + tokenize + batch) in one process.
+"""Benchmark: tokens/s of the training loader (parquet read + tokenize + batch) in one process.
 
     python tests/benchmarks/loader_throughput.py [--megabytes 64] [--passes 5] [--threads 1 4]
+
+Two loaders on the same shards: TokenLoader (one packed stream, what the trainer used before the
+data order became world-size invariant) and LaneLoader as rank 0 of 8 at nanochat's d20 step of
+256 rows (32 lanes of one row each, micro-batches of 32 rows: what each of 8 GPUs reads).
 
 The target (issue 4): at least 10x what one GPU's trainer consumes at d20 on 8xH100 in nanochat's
 reports (~80K tokens/s per GPU), i.e. >= 800K tokens/s per process.
@@ -30,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nanochat.data.corpus import write_shards
-from nanochat.data.loader import TokenLoader
+from nanochat.data.loader import LaneLoader, TokenLoader
 from nanochat.tokenizer import Tokenizer, load_or_train
 
 # The most frequent English words, most frequent first.
@@ -108,13 +112,14 @@ def english_like_documents(num_chars: int, seed: int, num_types: int = 200_000) 
 
 
 def prepare(cache_dir: Path, megabytes: int, tokenizer_megabytes: int) -> tuple[list[Path], Tokenizer]:
-    data_dir = cache_dir / f"english_like_{megabytes}mb"
+    data_dir = cache_dir / f"english_like_{megabytes}mb_rg64"
     if not data_dir.exists():
         print(f"generating {megabytes} MB of FineWeb-like text into {data_dir} ...", flush=True)
         # Written aside and renamed when complete, so an interrupted run is not taken for the data.
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-        write_shards(english_like_documents(megabytes * 10**6, seed=0), tmp / "train", 1024, 8192)
+        # Row groups of 64 documents: enough of them (~250 in 64 MB) for 256 lanes to read their own.
+        write_shards(english_like_documents(megabytes * 10**6, seed=0), tmp / "train", 64, 8192)
         os.replace(tmp, data_dir)
     files = sorted((data_dir / "train").glob("shard_*.parquet"))
 
@@ -141,9 +146,19 @@ def prepare(cache_dir: Path, megabytes: int, tokenizer_megabytes: int) -> tuple[
     return files, tokenizer
 
 
-def time_pass(files: list[Path], tokenizer: Tokenizer, seed: int, batches: int, threads: int) -> float:
+LANES, RANKS = 256, 8  # d20: 524,288 tokens per step / 2,048 = 256 rows, on 8 GPUs
+
+
+def make_loader(kind: str, files: list[Path], tokenizer: Tokenizer, seed: int, threads: int):
+    if kind == "TokenLoader":
+        return TokenLoader(files, tokenizer, BATCH_SIZE, SEQUENCE_LEN, seed=seed, tokenizer_threads=threads)
+    per_rank = LANES // RANKS
+    return LaneLoader(files, tokenizer, LANES, range(per_rank), BATCH_SIZE, SEQUENCE_LEN, seed, tokenizer_threads=threads)
+
+
+def time_pass(kind: str, files: list[Path], tokenizer: Tokenizer, seed: int, batches: int, threads: int) -> float:
     start = time.perf_counter()
-    loader = TokenLoader(files, tokenizer, BATCH_SIZE, SEQUENCE_LEN, seed=seed, tokenizer_threads=threads)
+    loader = make_loader(kind, files, tokenizer, seed, threads)
     for _ in range(batches):
         next(loader)
     return batches * BATCH_SIZE * SEQUENCE_LEN / (time.perf_counter() - start)
@@ -164,12 +179,16 @@ def main() -> None:
     nbytes = sum(len(text.encode("utf-8")) for text in sample)
     print(f"text: {nbytes / sum(map(len, tokenizer.encode_batch(sample))):.2f} bytes per token")
     for threads in args.threads:
-        rates = [time_pass(files, tokenizer, seed, args.batches, threads) for seed in range(args.passes)]
-        print(
-            f"TokenLoader {BATCH_SIZE}x{SEQUENCE_LEN}, tokenizer_threads={threads}: "
-            f"{statistics.median(rates) / 1e3:,.0f}K tokens/s per process (median of {args.passes} passes; "
-            f"min {min(rates) / 1e3:,.0f}K, max {max(rates) / 1e3:,.0f}K)"
-        )
+        rates = {"TokenLoader": [], "LaneLoader": []}
+        for seed in range(args.passes):  # interleaved, so load on the machine hits both alike
+            for kind in rates:
+                rates[kind].append(time_pass(kind, files, tokenizer, seed, args.batches, threads))
+        for kind, kind_rates in rates.items():
+            print(
+                f"{kind} {BATCH_SIZE}x{SEQUENCE_LEN}, tokenizer_threads={threads}: "
+                f"{statistics.median(kind_rates) / 1e3:,.0f}K tokens/s per process (median of {args.passes} passes; "
+                f"min {min(kind_rates) / 1e3:,.0f}K, max {max(kind_rates) / 1e3:,.0f}K)"
+            )
 
 
 if __name__ == "__main__":
