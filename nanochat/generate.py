@@ -95,7 +95,7 @@ def main(location: str, config: dict) -> None:
         raise UserError("device=cuda was asked for, but PyTorch sees no CUDA device on this machine.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device=mps was asked for, but PyTorch sees no MPS device on this machine.")
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype, _ = resolve_dtype(settings.dtype, device)  # auto on a CPU: float32, nothing measured
     finished = load_finished(location, device)
     model, tokenizer = finished.model, finished.tokenizer
     bos = tokenizer.bos_id
