@@ -86,25 +86,27 @@ class EvalConfig:
         check_core_source(self.core_bundle, self.core_sha256, self.core_max_per_task)
 
 
-def check_core_source(bundle: str, sha256: str | None, max_per_task: int | None) -> None:
-    """The rules of the CORE keys that core_eval.fetch_bundle and evaluate_core take, as
-    InvalidArgument naming core_bundle, core_sha256 and core_max_per_task."""
+def check_core_source(
+    bundle: str, sha256: str | None, max_per_task: int | None, names=("core_bundle", "core_sha256", "core_max_per_task")
+) -> None:
+    """The rules of the values core_eval.fetch_bundle and evaluate_core take, as InvalidArgument
+    naming them by `names` (the trainer's eval.core_* keys, or python -m nanochat.evaluate's core.*)."""
+    bundle_key, sha_key, cap_key = names
     if max_per_task is not None and max_per_task < 1:
         raise InvalidArgument(
-            "{core_max_per_task} must be a positive number of examples, or null for all of them.",
-            core_max_per_task=max_per_task,
+            f"{{{cap_key}}} must be a positive number of examples, or null for all of them.", **{cap_key: max_per_task}
         )
     if not bundle.strip():
         raise InvalidArgument(
-            "{core_bundle} must be an http(s) URL, a .zip file or an eval bundle folder.", core_bundle=bundle
+            f"{{{bundle_key}}} must be an http(s) URL, a .zip file or an eval bundle folder.", **{bundle_key: bundle}
         )
     scheme = bundle.split("://", 1)[0].lower() if "://" in bundle else None
     if scheme is not None and scheme not in ("http", "https"):
         raise InvalidArgument(
-            "{core_bundle} is not an http:// or https:// URL; downloads accept only those.", core_bundle=bundle
+            f"{{{bundle_key}}} is not an http:// or https:// URL; downloads accept only those.", **{bundle_key: bundle}
         )
     if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower())):
-        raise InvalidArgument("{core_sha256} is not a sha256 digest (64 hex digits), or null.", core_sha256=sha256)
+        raise InvalidArgument(f"{{{sha_key}}} is not a sha256 digest (64 hex digits), or null.", **{sha_key: sha256})
 
 
 @dataclass
