@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from nanochat.checkpoint import Checkpoint, check_model_matches, check_tokenizer_matches, load_newest_readable
 from nanochat.config import build, check_command_line, resolved, without_hydra
+from nanochat.core_eval import EvalBundle, fetch_bundle, task_examples
 from nanochat.data.loader import LaneLoader, ValidationRows
 from nanochat.device import PRECISION_PROBE_ROWS, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
@@ -100,6 +101,12 @@ def _check_across_nodes(c: Components, world_size: int) -> None:
         raise UserError(
             f"eval.tokens={c.settings.eval.tokens} is less than one row of model.sequence_len={sequence_len} tokens."
         )
+    core = c.settings.eval
+    if core.core_every > 0 and "://" not in core.core_bundle and not Path(core.core_bundle).expanduser().exists():
+        raise UserError(
+            f"eval.core_bundle={core.core_bundle} is neither an http(s) URL nor an existing .zip file or eval "
+            "bundle folder."
+        )
     model_vocab = c.config["model"].get("vocab_size")  # a model that names its vocabulary so
     if model_vocab is not None:
         check_vocab_matches(c.tokenizer.vocab_size, model_vocab)
@@ -177,6 +184,20 @@ def _prepare_data(components: Components):
     return corpus, components.tokenizer.load_or_train(corpus)
 
 
+def _fetch_core_bundle(settings: Settings) -> EvalBundle:
+    """The eval bundle CORE runs on, fetched or unpacked on first use (under main_first: one rank
+    downloads, the others find it), with every task's capped examples checked now rather than
+    at the first CORE step."""
+    e = settings.eval
+    bundle = fetch_bundle(e.core_bundle, cache_dir=e.core_cache_dir, sha256=e.core_sha256, show_progress=is_main())
+    try:
+        for task in bundle.select():
+            task_examples(bundle, task, e.core_max_per_task)
+    except UserError as error:  # the cap is too small for a task's few-shot draw
+        raise UserError(str(error).replace("(max_per_task=", "(eval.core_max_per_task=")) from None
+    return bundle
+
+
 def _describe_start(plan: ResumePlan, checkpoint: Checkpoint) -> str:
     what = "continuing this run" if plan.continuing else "starting a new run"
     if not plan.differences:
@@ -228,6 +249,9 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
     torch.manual_seed(settings.trainer.seed)
 
     corpus, tokenizer = main_first("preparing the data and the tokenizer", lambda: _prepare_data(components))
+    core_bundle = None
+    if settings.eval.core_every > 0:
+        core_bundle = main_first("fetching the CORE eval bundle", lambda: _fetch_core_bundle(settings))
     tokenizer_identity = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
     with together("building the model, the optimizers and the data loaders"):
         if checkpoint is not None:
@@ -286,6 +310,7 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
             },
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,
+            core_bundle=core_bundle,
         )
         if checkpoint is not None:
             restored_data = trainer.restore(checkpoint, same_data=checkpoint.meta["config"]["data"] == config["data"])

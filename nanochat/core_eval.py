@@ -565,6 +565,13 @@ def centered(accuracy: float, random_baseline: float) -> float:
     return (accuracy - chance) / (1.0 - chance)
 
 
+def longest_prompt(model) -> int:
+    """The max_len that gives model nanochat's prompts: its context_len when it declares one (GPT's
+    rotary table, 10 x sequence_len, on which nanochat runs its own GPT uncropped), else its
+    sequence_len. The trainer and python -m nanochat.evaluate pass it to evaluate_core."""
+    return getattr(model, "context_len", None) or model.sequence_len
+
+
 def evaluate_core(
     model,
     tokenizer,

@@ -4,7 +4,7 @@ Two ways to start from a checkpoint, told apart by where it lies:
 
 - Continuing a run: `checkpoint.resume=auto` (the default) finds the newest complete checkpoint in
   this run's own dir. The composed config must equal the checkpoint's, except keys that may change
-  mid-run (CHANGEABLE: run length, eval / sample / save / log cadence, the logger, keep_last) and
+  mid-run (CHANGEABLE: run length, eval / CORE / sample / save / log cadence, the logger, keep_last) and
   the keys listed in `checkpoint.accept_changes`. Any other difference is refused, naming each key
   with both values and the override that accepts it. A continued run is the same run: same W&B
   run, and the local logs cut back to the checkpoint.
@@ -38,6 +38,12 @@ CHANGEABLE = (
     "trainer.device_batch_size",  # how a step's rows are split into micro-steps, not which rows (LaneLoader)
     "trainer.skip_nonfinite",
     "eval.every",
+    # CORE during training reads the weights and changes nothing the next steps depend on
+    "eval.core_every",
+    "eval.core_max_per_task",
+    "eval.core_bundle",
+    "eval.core_sha256",
+    "eval.core_cache_dir",
     "sample.every",
     "checkpoint.save_every",
     "checkpoint.keep_last",

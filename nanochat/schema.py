@@ -63,18 +63,50 @@ class TrainerConfig:
         if self.grad_clip < 0:
             raise InvalidArgument("{grad_clip} must be >= 0 (0 disables clipping).", grad_clip=self.grad_clip)
         if self.skip_nonfinite < 0:
-            raise InvalidArgument("{skip_nonfinite} must be >= 0 (0 stops at the first).", skip_nonfinite=self.skip_nonfinite)
+            raise InvalidArgument(
+                "{skip_nonfinite} must be >= 0 (0 stops at the first).", skip_nonfinite=self.skip_nonfinite
+            )
 
 
 @dataclass
 class EvalConfig:
-    """`eval`: validation bits per byte, at step 0, every `every` steps and after the last."""
+    """`eval`: validation bits per byte, at step 0, every `every` steps and after the last; CORE
+    (nanochat/core_eval.py) every `core_every` steps and after the last, when core_every > 0."""
 
     every: int  # <= 0: only at step 0 and after the last step
     tokens: int
+    core_every: int  # <= 0: no CORE during training
+    core_max_per_task: int | None  # examples per task; null: all of them
+    core_bundle: str  # an http(s) URL of the eval bundle zip, a local .zip or an unpacked folder
+    core_sha256: str | None  # the zip's pinned sha256; null: not checked
+    core_cache_dir: str  # where a zip is unpacked (and a URL downloaded)
 
     def __post_init__(self):
         _require_positive(self, "tokens")
+        check_core_source(self.core_bundle, self.core_sha256, self.core_max_per_task)
+
+
+def check_core_source(
+    bundle: str, sha256: str | None, max_per_task: int | None, names=("core_bundle", "core_sha256", "core_max_per_task")
+) -> None:
+    """The rules of the values core_eval.fetch_bundle and evaluate_core take, as InvalidArgument
+    naming them by `names` (the trainer's eval.core_* keys, or python -m nanochat.evaluate's core.*)."""
+    bundle_key, sha_key, cap_key = names
+    if max_per_task is not None and max_per_task < 1:
+        raise InvalidArgument(
+            f"{{{cap_key}}} must be a positive number of examples, or null for all of them.", **{cap_key: max_per_task}
+        )
+    if not bundle.strip():
+        raise InvalidArgument(
+            f"{{{bundle_key}}} must be an http(s) URL, a .zip file or an eval bundle folder.", **{bundle_key: bundle}
+        )
+    scheme = bundle.split("://", 1)[0].lower() if "://" in bundle else None
+    if scheme is not None and scheme not in ("http", "https"):
+        raise InvalidArgument(
+            f"{{{bundle_key}}} is not an http:// or https:// URL; downloads accept only those.", **{bundle_key: bundle}
+        )
+    if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower())):
+        raise InvalidArgument(f"{{{sha_key}}} is not a sha256 digest (64 hex digits), or null.", **{sha_key: sha256})
 
 
 @dataclass

@@ -7,15 +7,18 @@ One optimizer step (see DESIGN.md, "Data flow of one step"):
     -> lr multiplier and Muon momentum for this step -> every optimizer steps -> zero grads
     -> train/* metrics to metrics.jsonl (and W&B) and a progress line, from rank 0
 The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
+Before a step s: val bpb at s = 0, every eval.every steps and at the end; CORE (eval.core_every > 0)
+every core_every steps and at the end, not at step 0 (as nanochat's base_train), core/metric and
+core/<task> logged at s.
 Under torchrun every rank runs this loop in step; nanochat/data_parallel.py holds what differs.
 
 Speed (measured by tests/benchmarks/train_throughput.py):
 - the next batch is prepared in a background thread (nanochat/data/loader.py Prefetcher), pinned
   and copied non_blocking on CUDA; the micro-step loop never waits for the device, and each step
   waits once, for the loss, the stop flag and the grad norm fetched in one copy;
-- with system.compile the model is compiled once, for training: evaluation and sampling run the
-  uncompiled model, so no second graph is compiled for eval mode, no_grad and per-token losses. If
-  compilation fails (no C++ compiler for Inductor on a CPU, no working Triton on a GPU) the run
+- with system.compile the model is compiled once, for training: evaluation (val bpb and CORE) and
+  sampling run the uncompiled model, so no second graph is compiled for eval mode, no_grad and
+  per-token losses. If compilation fails (no C++ compiler for Inductor on a CPU, no working Triton on a GPU) the run
   says so in one line and trains eager. Optimizers with a compile() method (Muon) compile theirs;
 - after the first step in this process the objects alive so far (modules, compiled code, imported
   libraries) are frozen out of Python's garbage collector (gc.freeze), so its full collections
@@ -47,6 +50,7 @@ from nanochat.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from nanochat.core_eval import EvalBundle, evaluate_core, longest_prompt
 from nanochat.data.loader import Prefetcher, merge_lane_states
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
 from nanochat.device import CompiledOrEager, autocast
@@ -114,8 +118,10 @@ class Trainer:
         checkpoint_meta: dict,
         resume_hint: str = "",
         world_size: int = 1,
+        core_bundle: EvalBundle | None = None,
     ):
-        """model: any nanochat/interface.py LanguageModel, on its device with its weights set."""
+        """model: any nanochat/interface.py LanguageModel, on its device with its weights set.
+        core_bundle: the eval bundle CORE is computed on when settings.eval.core_every > 0."""
         self.settings = settings
         self.config = config = settings.trainer
         self.model = model  # the uncompiled module: what we save, evaluate and sample
@@ -143,6 +149,9 @@ class Trainer:
         self.checkpoint_meta = checkpoint_meta
         self.resume_hint = resume_hint
         self.world_size = world_size
+        if settings.eval.core_every > 0 and core_bundle is None:
+            raise ValueError("eval.core_every > 0 needs the eval bundle (core_bundle)")
+        self.core_bundle = core_bundle
 
         self.sequence_len = model.sequence_len
         tokens_per_micro_step = config.device_batch_size * self.sequence_len * world_size
@@ -180,6 +189,30 @@ class Trainer:
     def evaluate(self) -> float:
         # Eager, not self.forward: a compiled model would compile a second graph for evaluation.
         return evaluate_bpb(self.model, self.make_val_batches(), self.token_bytes, self.device, self.dtype)
+
+    def evaluate_core(self, step: int) -> dict:
+        """CORE on every rank (each takes its stride of the examples; the counts are summed), eager
+        like evaluate(); logged at step and printed in one line."""
+        settings = self.settings.eval
+        start = time.perf_counter()
+        metrics = evaluate_core(
+            self.model,
+            self.tokenizer,
+            self.core_bundle,
+            self.device,
+            self.dtype,
+            max_per_task=settings.core_max_per_task,
+            max_len=longest_prompt(self.model),
+        )
+        self.tracker.log(metrics, step=step)
+        tasks = sum(key.startswith("core_accuracy/") for key in metrics)
+        cap = settings.core_max_per_task
+        print(
+            f"step {step:5d} | CORE {metrics['core/metric']:.4f} ({tasks} tasks, "
+            f"{'all' if cap is None else f'at most {cap}'} examples each, {time.perf_counter() - start:.1f}s)",
+            flush=True,
+        )
+        return metrics
 
     def sample(self, step: int) -> None:
         """Rank 0 only: the weights are the same everywhere."""
@@ -328,7 +361,9 @@ class Trainer:
         tok_per_sec = c.total_batch_size / dt
         metrics = {
             "train/loss": train_loss,
-            "train/loss_ema": self.loss_ema.update(train_loss) if self.skipped_in_a_row == 0 else self.loss_ema.debiased(),
+            "train/loss_ema": self.loss_ema.update(train_loss)
+            if self.skipped_in_a_row == 0
+            else self.loss_ema.debiased(),
             "train/grad_norm": grad_norm_value,
             "train/skipped_steps": self.skipped_steps,
             "train/lrm": lrm,
@@ -348,7 +383,9 @@ class Trainer:
         what = f"the train loss is {loss} and the grad norm {norm}"
         allowed = self.config.skip_nonfinite
         if self.skipped_in_a_row <= allowed:
-            warnings.warn(f"step {step}: {what}; the update was skipped ({self.skipped_in_a_row} of {allowed} in a row).")
+            warnings.warn(
+                f"step {step}: {what}; the update was skipped ({self.skipped_in_a_row} of {allowed} in a row)."
+            )
             return
         message = (
             f"step {step}: {what}; the update was not applied and the run stops after {self.skipped_in_a_row} such "
@@ -389,6 +426,7 @@ class Trainer:
         final["stopped_by"] is the signal's name when SIGTERM/SIGINT cut the run short."""
         c = self.config
         every = {"eval": self.settings.eval.every, "sample": self.settings.sample.every}
+        core_every = self.settings.eval.core_every
         save_every = self.settings.checkpoint.save_every
         final: dict = {}
         wall_start = time.perf_counter()
@@ -405,6 +443,8 @@ class Trainer:
                     self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb}, step=step)
                     print(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
                     final["val/bpb"] = val_bpb
+                if core_every > 0 and (last_step or is_due(step, core_every)):
+                    final.update(self.evaluate_core(step))
                 if last_step or is_due(step, every["sample"]):
                     self.sample(step)
                 if last_step:

@@ -160,6 +160,24 @@ MISTAKES = [
     (["eval.tokens=100"], "eval.tokens=100 is less than one row of model.sequence_len=256 tokens."),
     (["trainer.skip_nonfinite=-1"], "trainer.skip_nonfinite=-1 must be >= 0"),
     (["checkpoint.write_errors=ignore"], "checkpoint.write_errors=ignore must be one of stop, warn."),
+    # CORE during training
+    (["eval.core_every=often"], "eval.core_every=often must be an integer."),
+    (
+        ["eval.core_max_per_task=0"],
+        "eval.core_max_per_task=0 must be a positive number of examples, or null for all of them.",
+    ),
+    (["eval.core_sha256=abc123"], "eval.core_sha256=abc123 is not a sha256 digest (64 hex digits), or null."),
+    (
+        ["eval.core_bundle=ftp://example.com/eval_bundle.zip"],
+        "eval.core_bundle=ftp://example.com/eval_bundle.zip is not an http:// or https:// URL; downloads accept only "
+        "those.",
+    ),
+    (
+        ["eval.core_every=100", "eval.core_bundle=/nowhere/eval_bundle.zip"],
+        "eval.core_bundle=/nowhere/eval_bundle.zip is neither an http(s) URL nor an existing .zip file or eval bundle "
+        "folder.",
+    ),
+    (["eval.core_cache_dir=[a,b]"], "eval.core_cache_dir=[a, b] must be a string."),
 ]
 
 
@@ -229,6 +247,12 @@ def test_a_second_architecture_is_chosen_by_its_target_alone():
     assert type(components.model).__name__ == "PositionalTransformer" and not isinstance(components.model, GPT)
     adam, muon = components.optimizer(components.model)
     assert {g["name"] for g in adam.param_groups} == {"embedding", "unembedding", "other"}  # LayerNorms, biases
+
+
+def test_core_is_off_in_the_default_run_and_on_in_the_speedrun_as_in_nanochat():
+    assert compose().eval.core_every <= 0
+    speedrun = compose("experiment=d20_speedrun").eval
+    assert speedrun.core_every == 2000 and speedrun.core_max_per_task == 500
 
 
 def test_every_default_is_written_once_in_the_yaml_files():

@@ -13,8 +13,12 @@ from omegaconf import OmegaConf
 from runs import REPO, assemble_run, read_metrics, run_train, train
 from wandb_records import offline_run
 
+from core_bundle import LABELS, write_bundle
+
 from nanochat.assemble import check_jobs
 from nanochat.checkpoint import complete_checkpoints
+from nanochat.core_eval import EvalBundle, evaluate_core
+from nanochat.finished import load_finished
 from nanochat.errors import UserError
 from nanochat.resume import HISTORY
 
@@ -75,6 +79,49 @@ def test_tiny_run_lowers_the_loss_and_writes_its_run_dir(shakespeare_data_dir, t
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(s["step"] == 60 for s in samples)
     assert "val bpb" in capsys.readouterr().out
+
+
+def test_core_is_logged_at_its_cadence_and_at_the_end_and_equals_core_of_those_checkpoints(
+    shakespeare_data_dir, tmp_path, capsys
+):
+    bundle_root = write_bundle(tmp_path / "bundle", per_task=20)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "trainer.num_iterations=6",
+        "eval.every=-1",
+        "eval.core_every=4",
+        "eval.core_max_per_task=8",
+        f"eval.core_bundle={bundle_root}",
+        "checkpoint.save_every=4",  # the weights CORE saw at step 4 are kept too
+        "checkpoint.keep_last=3",
+        "system.dtype=float32",
+    ]
+    final = train(*tiny_run_overrides(shakespeare_data_dir, *overrides), run_dir=run_dir)
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "core/metric" in r}
+    assert sorted(rows) == [4, 6]
+    bundle = EvalBundle.load(bundle_root)
+    for step, row in rows.items():
+        finished = load_finished(run_dir / "checkpoints" / f"step_{step:06d}")
+        expected = evaluate_core(
+            finished.model,
+            finished.tokenizer,
+            bundle,
+            torch.device("cpu"),
+            max_per_task=8,
+            max_len=10 * 64,  # GPT's rotary table: nanochat does not crop prompts its GPT can take
+        )
+        assert {f"core/{label}" for label in LABELS} | {"core/metric"} <= set(expected)
+        assert {key: row[key] for key in expected} == expected
+    assert final["core/metric"] == rows[6]["core/metric"]
+    out = capsys.readouterr().out
+    for step in (4, 6):
+        assert f"step {step:5d} | CORE {rows[step]['core/metric']:.4f} (6 tasks, at most 8 examples each" in out
+
+
+def test_core_is_off_by_default(shakespeare_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(*tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=2"), run_dir=run_dir)
+    assert not any(key.startswith("core") for row in read_metrics(run_dir) for key in row)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_muon"])
