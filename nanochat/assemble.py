@@ -23,7 +23,7 @@ from nanochat.checkpoint import Checkpoint, check_model_matches, check_tokenizer
 from nanochat.config import build, check_command_line, resolved, without_hydra
 from nanochat.core_eval import EvalBundle, fetch_bundle, task_examples
 from nanochat.data.loader import LaneLoader, ValidationRows
-from nanochat.device import PRECISION_PROBE_ROWS, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from nanochat.device import PRECISION_PROBE_ROWS, check_available, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from nanochat.distributed import (
     broadcast_,
     broadcast_object,
@@ -110,11 +110,7 @@ def _check_across_nodes(c: Components, world_size: int) -> None:
     model_vocab = c.config["model"].get("vocab_size")  # a model that names its vocabulary so
     if model_vocab is not None:
         check_vocab_matches(c.tokenizer.vocab_size, model_vocab)
-    device = c.settings.system.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("system.device=cuda was asked for, but PyTorch sees no CUDA device on this machine.")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("system.device=mps was asked for, but PyTorch sees no MPS device on this machine.")
+    check_available(c.settings.system.device, "system.device")
 
 
 def preflight(cfg: DictConfig, run_dir: Path | None, world_size: int = 1) -> None:

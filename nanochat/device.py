@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.distributed import local_rank
+from nanochat.errors import UserError
 
 # Dense bf16 tensor-core peaks (no 2:4 sparsity), from the vendors' datasheets. Matched in order
 # against torch.cuda.get_device_name(), so more specific names come first.
@@ -56,6 +57,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", local_rank())
     return torch.device(name)
+
+
+def check_available(name: str, key: str) -> None:
+    """A UserError naming the config key when it asks for a device this machine does not have."""
+    missing = {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}
+    if missing.get(name, False):
+        raise UserError(f"{key}={name} was asked for, but PyTorch sees no {name.upper()} device on this machine.")
 
 
 def keep_freed_memory(enabled: bool, device: torch.device) -> str | None:

@@ -54,7 +54,13 @@ def init_from_env() -> None:
     # down during interpreter finalization, where they can abort the process (SIGABRT). Imported
     # first, dynamo holds no such reference, and shutdown() really joins those threads.
     importlib.import_module("torch._dynamo")
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    # torchrun --max-restarts keeps its store across attempts, with the keys the dead attempt's
+    # ranks left there (their Gloo addresses among them): a restarted attempt that read them would
+    # connect to processes that no longer exist. Each attempt meets under its own prefix.
+    store, rank_, world_ = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"nanochat/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world_, timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown(finished: bool) -> None:

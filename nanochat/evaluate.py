@@ -35,7 +35,7 @@ from nanochat.config import build, run_tool
 from nanochat.core_eval import evaluate_core, fetch_bundle, longest_prompt, task_examples
 from nanochat.data.corpus import atomic_path
 from nanochat.data.loader import ValidationRows
-from nanochat.device import resolve_device, resolve_dtype
+from nanochat.device import check_available, resolve_device, resolve_dtype
 from nanochat.errors import InvalidArgument, UserError, show
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.finished import Finished, load_finished
@@ -124,12 +124,8 @@ class Plan:
 
 
 def _device(name: str) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was asked for, but PyTorch sees no CUDA device on this machine.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps was asked for, but PyTorch sees no MPS device on this machine.")
-    return device
+    check_available(name, "device")
+    return resolve_device(name)
 
 
 def _validation_rows(finished: Finished, bpb: BpbSettings, data: dict | None) -> tuple[ValidationRows, dict]:

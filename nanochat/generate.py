@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from nanochat.config import run_tool
-from nanochat.device import autocast, resolve_device, resolve_dtype
+from nanochat.device import autocast, check_available, resolve_device, resolve_dtype
 from nanochat.errors import InvalidArgument, UserError
 from nanochat.finished import load_finished
 from nanochat.interface import generate_batch, generate_stream
@@ -90,11 +88,8 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
 def main(location: str, config: dict) -> None:
     settings = settings_from(GenerateSettings, config)
     prompts = read_prompts(settings)
+    check_available(settings.device, "device")
     device = resolve_device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda was asked for, but PyTorch sees no CUDA device on this machine.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps was asked for, but PyTorch sees no MPS device on this machine.")
     dtype, _ = resolve_dtype(settings.dtype, device)  # auto: bf16 on CUDA, fp32 elsewhere (nothing measured)
     finished = load_finished(location, device)
     model, tokenizer = finished.model, finished.tokenizer
