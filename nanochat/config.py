@@ -28,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from nanochat.distributed import broadcast_object, is_main
 from nanochat.errors import InvalidArgument, UserError
 from nanochat.schema import renamed, suggest
+from nanochat.tracking import run_name
 
 # Used by conf/base/gpt.yaml to express nanochat's depth rule.
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
@@ -306,6 +307,19 @@ def task_overrides() -> list[str]:
 def sweep_group() -> str | None:
     """The W&B group of a sweep's jobs: the sweep dir's name (None for a single run)."""
     return Path(HydraConfig.get().sweep.dir).name if is_sweep_job() else None
+
+
+def job_name(hydra_node: DictConfig | None = None) -> str:
+    """The W&B run name of the running job (or of a composed config's `hydra` node): its model and
+    optimizer choices and overrides, plus the sweep's name and job number for a sweep job (see
+    nanochat.tracking.run_name)."""
+    hydra_node = HydraConfig.get() if hydra_node is None else hydra_node
+    choices = OmegaConf.to_container(hydra_node.runtime.choices)
+    overrides = [o for o in hydra_node.overrides.task if not o.lstrip("+").startswith("checkpoint.resume=")]
+    sweep = None
+    if hydra_node.mode == RunMode.MULTIRUN:
+        sweep = (Path(hydra_node.sweep.dir).name, int(hydra_node.job.num))
+    return run_name(choices, overrides, sweep)
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:

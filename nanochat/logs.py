@@ -28,15 +28,21 @@ log.setLevel(logging.INFO)
 log.propagate = False  # our handlers only: a root handler (Hydra's, pytest's) would print each line twice
 
 
-class _Stdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time of each line (pytest's capture, a redirect)."""
+class _Console(logging.StreamHandler):
+    """Lines to sys.stdout, warnings and errors to sys.stderr (as print and warnings.warn would),
+    whatever those are at the time of each line (pytest's capture, a redirect)."""
 
     def __init__(self):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.setStream(sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
         super().emit(record)
+
+
+# Outside a run (command-line tools, a notebook), lines still reach the terminal.
+_default_console = _Console()
+log.addHandler(_default_console)
 
 
 class RunLog:
@@ -47,8 +53,9 @@ class RunLog:
             if getattr(handler, "nanochat_run", False):
                 log.removeHandler(handler)
                 handler.close()
+        log.removeHandler(_default_console)
         prefix = f"[rank {rank}] " if rank else ""
-        console = _Stdout()
+        console = _Console()
         console.setFormatter(logging.Formatter(prefix + "%(message)s"))
         console.setLevel(logging.WARNING if rank and quiet else logging.INFO)
         self.handlers: list[logging.Handler] = [console]
@@ -71,6 +78,8 @@ class RunLog:
         for handler in self.handlers:
             log.removeHandler(handler)
             handler.close()
+        if not any(getattr(h, "nanochat_run", False) for h in log.handlers):
+            log.addHandler(_default_console)
 
     def __enter__(self) -> "RunLog":
         return self
@@ -92,4 +101,4 @@ def phase(what: str, size: str) -> Iterator[Callable[[str], None]]:
     result: list[str] = []
     yield result.append
     seconds = time.perf_counter() - start
-    log.info(f"{result[-1]} ({what} in {seconds:.1f}s)" if result else f"{what} done in {seconds:.1f}s")
+    log.info(f"{result[-1]} | {seconds:.1f}s" if result else f"{what} done in {seconds:.1f}s")

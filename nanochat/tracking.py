@@ -23,6 +23,7 @@ TensorBoard drops its events from that step on, so every log reads as one uninte
 import csv
 import json
 import math
+import shlex
 import uuid
 import warnings
 from pathlib import Path
@@ -38,12 +39,16 @@ X_AXES = ("train/tokens", "total_training_flops")  # declared to W&B as metrics 
 
 def run_name(choices: dict[str, str | None], overrides: list[str], sweep: tuple[str, int] | None = None) -> str:
     """A W&B run name that says what the job is: the model and optimizer choices, any other group
-    chosen on the command line, then each other override as leaf=value (paths by their last part),
+    chosen on the command line, then each other override as leaf=value (the whole key where two
+    overrides share a leaf; paths by their last part),
     e.g. `d12-adamw_muon-matrix_lr=0.01`. A sweep job adds the sweep's name and its number, which
     tell apart the jobs of one sweep and the sweeps of one day: `d4-adamw-lr=0.001 (lr_adamw #0)`."""
     parts = [choices[g] for g in ("model", "optimizer") if choices.get(g)]
+    keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    leaves = [key.rpartition(".")[2] for key in keys]
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
+        leaf = key.rpartition(".")[2]
         if key.startswith("hydra.") or key.startswith("hydra/") or key in ("model", "optimizer", "logger"):
             continue
         if key in choices:  # another group chosen on the command line: its choice alone
@@ -51,7 +56,7 @@ def run_name(choices: dict[str, str | None], overrides: list[str], sweep: tuple[
             continue
         if "/" in value:
             value = Path(value).name or value
-        parts.append(f"{key.rpartition('.')[2]}={value[:24]}")
+        parts.append(f"{leaf if leaves.count(leaf) == 1 else key}={value[:24]}")  # eval.tokens vs sample.tokens
     name = "-".join(parts)
     if sweep is not None:
         name = f"{name} ({sweep[0]} #{sweep[1]})"
@@ -202,7 +207,7 @@ class Tracker:
         try:
             if self.mode == "offline":
                 folder = run.settings.sync_dir
-                log.info(f"{when} offline run in {folder}; upload it with: wandb sync {folder}")
+                log.info(f"{when} offline run in {folder}; upload it with: wandb sync {shlex.quote(str(folder))}")
             else:
                 log.info(f"{when} run {run.url}")
         except Exception:  # a W&B run without these attributes (a stand-in) has nothing to say

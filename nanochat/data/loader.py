@@ -318,6 +318,40 @@ class ValidationRows:
             yield inputs, targets
 
 
+class RepeatFirst:
+    """The first `count` batches of a loader, over and over (trainer.overfit: one optimizer step's
+    micro-batches repeated, so the train loss must fall towards zero). The position it reports is
+    the loader's before the first of them, so a checkpoint of an overfitting run resumes on the same batches."""
+
+    def __init__(self, loader, count: int):
+        self.loader = loader
+        self.count = count
+        self._start = loader.state_dict()
+        self._batches: list = []
+        self._next = 0
+
+    def __iter__(self) -> "RepeatFirst":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._batches) < self.count:
+            self._batches.append(next(self.loader))
+            return self._batches[-1]
+        batch = self._batches[self._next % self.count]
+        self._next += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._start
+
+    def continues(self, state: dict) -> bool:
+        return self.loader.continues(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._start = self.loader.state_dict()
+
+
 class Prefetcher:
     """An iterator of a loader's batches, each prepared in a background thread while the step
     before it runs, and on CUDA copied into pinned memory so that .to(device, non_blocking=True)
