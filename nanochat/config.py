@@ -159,6 +159,12 @@ def explain_compose_error(error: Exception, overrides: list[str], config_name: s
         options = re.findall(r"^\t(\S+)$", message.split("Available options", 1)[-1], flags=re.MULTILINE)
         options = [o for o in options if not o.startswith("_")]
         return f"{group}={choice} is not a choice of {group}; the choices are {', '.join(options)}."
+    unloadable = re.search(r"Could not load '([^']+)/([^'/]+)'", message)
+    if unloadable:  # a wrong name inside a list of choices, e.g. logger=[wandb,tensorbord]
+        group, choice = unloadable.groups()
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+        if options:
+            return f"{group}={choice} is not a choice of {group}; the choices are {', '.join(options)}."
     return f"the command line does not compose: {_first_line(error)}"
 
 

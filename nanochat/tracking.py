@@ -98,7 +98,11 @@ class Tracker:
 
     @property
     def backends(self) -> list[str]:
-        on = {"wandb": self.use_wandb and self.mode != "disabled", "tensorboard": self.use_tensorboard, "csv": self.use_csv}
+        on = {
+            "wandb": self.use_wandb and self.mode != "disabled",
+            "tensorboard": self.use_tensorboard,
+            "csv": self.use_csv,
+        }
         return [name for name, used in on.items() if used]
 
     def start(

@@ -279,7 +279,9 @@ class Trainer:
         reason, or with checkpoint.write_errors=warn is skipped with a warning; either way the
         checkpoints before it stay as they were (see save_checkpoint)."""
         try:
-            with phase(f"checkpoint step_{step:06d}", f"{self.model.num_params():,} parameters and the optimizer state") as done:
+            with phase(
+                f"checkpoint step_{step:06d}", f"{self.model.num_params():,} parameters and the optimizer state"
+            ) as done:
                 path = self.save(step)
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
                 done(f"saved checkpoint {path} ({size / 2**20:.1f} MiB)")
@@ -467,12 +469,16 @@ class Trainer:
             (folder / "key_averages.txt").write_text(table + "\n", encoding="utf-8")
             steps = {"first_step": first, "steps": p.steps, "sorted_by": sort}
             (folder / "steps.json").write_text(json.dumps(steps) + "\n", encoding="utf-8")
-            log.info(f"profile of steps {first}-{first + p.steps - 1}: {folder / 'trace.json'} and {folder / 'key_averages.txt'}")
+            log.info(
+                f"profile of steps {first}-{first + p.steps - 1}: {folder / 'trace.json'} and {folder / 'key_averages.txt'}"
+            )
 
         log.info(f"profiling steps {first}-{first + p.steps - 1} with torch.profiler ({p.skip} unprofiled steps first)")
         # wait + warmup: the first steps run unprofiled, the last of them with the profiler warming up.
         schedule = torch.profiler.schedule(wait=max(p.skip - 1, 0), warmup=min(p.skip, 1), active=p.steps, repeat=1)
-        profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write, record_shapes=True)
+        profiler = torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=write, record_shapes=True
+        )
         profiler.__enter__()
         return profiler
 
