@@ -8,10 +8,12 @@ One optimizer step (see DESIGN.md, "Data flow of one step"):
     -> train/* metrics to metrics.jsonl (and W&B) and a progress line, from rank 0
 The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
 
-Step numbering, one convention everywhere (console, metrics.jsonl, W&B, TensorBoard, CSV): `step s`
-is the 0-based index of an update. Train metrics at step s describe update s (the (s+1)-th);
-evaluation and samples at step s see the weights after s updates, i.e. before update s (so a run of
-N steps evaluates at 0, ..., N); checkpoint step_00000s holds the state after s updates.
+Step numbering, one convention everywhere (console, metrics.jsonl, W&B, TensorBoard, CSV), as in
+nanochat: `step s` is the 0-based index of an update. Train metrics at step s describe update s (the
+(s+1)-th: its loss, grad norm, lr, timing); evaluation and samples at step s see the weights after s
+updates, i.e. before update s (so a run of N steps evaluates at 0, ..., N); checkpoint step_00000s
+holds the state after s updates. The x-axes `train/tokens` and `total_training_flops` at step s are
+the tokens and FLOPs of the s updates before it, in train and val records alike.
 
 Long phases say what they do: a line as each evaluation, sampling, checkpoint or profile starts
 (what, how big) and one with its result and duration as it ends (nanochat/logs.py phase()).
@@ -381,7 +383,9 @@ class Trainer:
             gc.freeze()
             self.warm = True
         tok_per_sec = c.total_batch_size / dt
-        tokens = c.total_batch_size * (step + 1)  # after this update
+        # Tokens and FLOPs trained on before this update (nanochat's flops_so_far): what the model whose
+        # loss this is had seen, and the same figures as the evaluation logged at this step.
+        tokens = c.total_batch_size * step
         metrics = {
             "train/loss": train_loss,
             "train/loss_ema": self.loss_ema.update(train_loss) if self.skipped_in_a_row == 0 else self.loss_ema.debiased(),

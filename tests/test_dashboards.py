@@ -4,7 +4,6 @@ and an MFU that never exceeds 100% (the CPU peak it divides by)."""
 
 import csv
 import json
-import math
 import re
 import subprocess
 from pathlib import Path
@@ -80,11 +79,13 @@ def test_the_offline_wandb_run_has_the_job_name_the_derived_config_and_the_x_axe
 
     train_rows = [row for row in history if "train/loss" in row]
     assert [row["_step"] for row in train_rows] == [0, 1, 2]
-    assert [row["train/tokens"] for row in train_rows] == [1024, 2048, 3072]
+    # the tokens and FLOPs of the updates before each step (nanochat's flops_so_far), as for evaluations
+    assert [row["train/tokens"] for row in train_rows] == [0, 1024, 2048]
     flops_per_token = model.estimate_flops()
-    assert [row["total_training_flops"] for row in train_rows] == [flops_per_token * t for t in (1024, 2048, 3072)]
+    assert [row["total_training_flops"] for row in train_rows] == [flops_per_token * t for t in (0, 1024, 2048)]
     val_rows = [row for row in history if "val/bpb" in row]
-    assert [(row["_step"], row["train/tokens"]) for row in val_rows] == [(0, 0), (3, 3072)]  # val/bpb against tokens
+    # val/bpb against tokens: one value per W&B row, shared with the train metrics of that step
+    assert [(row["_step"], row["train/tokens"]) for row in val_rows] == [(0, 0), (3, 3072)]
 
 
 def test_the_run_says_where_its_offline_wandb_run_is_and_how_to_upload_it(all_loggers_run):
@@ -307,4 +308,17 @@ def test_the_cpu_peak_is_measured_over_the_models_own_matmul_shapes():
     for out, fan_in in [(1024, 256), (256, 256)]:
         assert {(2048, fan_in, out), (2048, out, fan_in), (out, 2048, fan_in)} <= set(shapes)
     assert (2048, 2048, 2048) in shapes and len(shapes) == len(set(shapes))
-    assert all(math.prod(s) <= 4096 * 2048 * 4096 for s in peak_probe_shapes([(4096, 4096)], rows=10**6))  # rows capped
+    assert all(max(s) <= 4096 for s in peak_probe_shapes([(4096, 4096)], rows=10**6))  # rows capped at 4096
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_run_logs_its_peak_memory_and_samples_system_metrics(shakespeare_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=3") if o != "logger=none"]
+    run = assemble_run(*overrides, "system.device=cuda", "logger=wandb", run_dir=run_dir)
+    assert run.tracker.wandb_run.settings.x_disable_stats is False  # W&B's GPU sampler is on for CUDA runs
+    run.fit()
+    memory = [r["train/max_memory_gib"] for r in train_records(run_dir)]
+    assert len(memory) == 3 and all(m > 0 for m in memory)
+    assert memory == sorted(memory)  # a high-water mark
