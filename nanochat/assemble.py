@@ -145,6 +145,11 @@ class Run:
                     f"run dir {self.trainer.run_dir}"
                 )
             return final
+        except Exception as error:  # train.py reports it on the terminal; the log keeps it too
+            if self.run_log is not None:
+                what = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+                self.run_log.to_file(f"error: {what}")
+            raise
         finally:
             self.tracker.finish()
             if self.run_log is not None:
@@ -284,14 +289,13 @@ def _assemble(
         # trainer knows the run's derived figures).
         tracker = components.logger if is_main() else SilentTracker()
     broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
-    peak, peak_note = peak_flops(
-        device,
-        dtype,
-        settings.system.peak_flops,
-        matmul_weight_shapes(model),
-        rows=settings.trainer.device_batch_size * model.sequence_len,
-    )
+    def measure_peak() -> tuple[float | None, str]:
+        shapes, rows = matmul_weight_shapes(model), settings.trainer.device_batch_size * model.sequence_len
+        return peak_flops(device, dtype, settings.system.peak_flops, shapes, rows=rows)
+
+    peak, peak_note = measure_peak()
     log.info(peak_note)
+    measured = settings.system.peak_flops is None and device.type != "cuda"
     with together("restoring the checkpoint"):
         trainer = Trainer(
             settings,
@@ -309,6 +313,7 @@ def _assemble(
             checkpoint_meta={"config": config, "tokenizer": tokenizer_identity},
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,
+            remeasure_peak=(lambda: measure_peak()[0]) if measured else None,
         )
         if checkpoint is not None:
             restored_data = trainer.restore(checkpoint, same_data=checkpoint.meta["config"]["data"] == config["data"])

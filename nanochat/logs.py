@@ -72,6 +72,12 @@ class RunLog:
         self._showwarning = warnings.showwarning
         warnings.showwarning = _log_warning
 
+    def to_file(self, message: str) -> None:
+        """A line for train.log only: an error the caller reports on the terminal itself."""
+        for handler in self.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.emit(logging.LogRecord("nanochat", logging.ERROR, __file__, 0, message, None, None))
+
     def close(self) -> None:
         if warnings.showwarning is _log_warning:
             warnings.showwarning = self._showwarning

@@ -170,6 +170,19 @@ def test_train_log_holds_the_setup_summary_every_progress_line_and_the_result(sh
     )
 
 
+def test_a_run_that_stops_with_an_error_ends_its_train_log_with_it(shakespeare_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run = assemble_run(*tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=3"), run_dir=run_dir)
+
+    def failing_step(step):
+        raise UserError("step 0: the disk is full.")
+
+    run.trainer.train_step = failing_step
+    with pytest.raises(UserError):
+        run.fit()
+    assert (run_dir / "train.log").read_text().splitlines()[-1].endswith("] error: step 0: the disk is full.")
+
+
 def test_run_names_say_what_the_job_is_and_tell_sweeps_apart():
     choices = {"model": "d12", "optimizer": "adamw_muon", "data": "shakespeare", "experiment": None}
     assert run_name(choices, ["model=d12", "optimizer=adamw_muon", "optimizer.matrix_lr=0.01"]) == (
@@ -322,3 +335,20 @@ def test_a_cuda_run_logs_its_peak_memory_and_samples_system_metrics(shakespeare_
     memory = [r["train/max_memory_gib"] for r in train_records(run_dir)]
     assert len(memory) == 3 and all(m > 0 for m in memory)
     assert memory == sorted(memory)  # a high-water mark
+
+
+def test_a_step_above_a_peak_measured_while_the_cpu_was_busy_measures_it_again(shakespeare_data_dir, tmp_path):
+    """A peak taken while other work had the cores is too low; the first step that beats it measures
+    the peak again (for real, here) and its MFU is against that."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=3") if "peak_flops" not in o]
+    run = assemble_run(*overrides, run_dir=run_dir)
+    assert run.trainer.remeasure_peak is not None
+    run.trainer.peak_flops = 1e6  # as if measured while the CPU was busy: any step beats it
+    run.fit()
+    mfus = [r["train/mfu"] for r in train_records(run_dir)]
+    assert all(0 < m <= 100 for m in mfus), mfus
+    assert run.trainer.peak_flops > 1e9
+    assert "ran above the peak of 0.0 GFLOP/s measured earlier (the CPU was busy then); measured again: " in (
+        run_dir / "train.log"
+    ).read_text()
