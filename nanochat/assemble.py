@@ -289,6 +289,7 @@ def _assemble(
         # trainer knows the run's derived figures).
         tracker = components.logger if is_main() else SilentTracker()
     broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
+
     def measure_peak() -> tuple[float | None, str]:
         shapes, rows = matmul_weight_shapes(model), settings.trainer.device_batch_size * model.sequence_len
         return peak_flops(device, dtype, settings.system.peak_flops, shapes, rows=rows)

@@ -120,7 +120,10 @@ MISTAKES = [
         "optimizer.ns_dtype=fp16 must be one of auto, bfloat16, float32.",
     ),
     (["model=_gpt"], "model=_gpt is not a choice of model; the choices are d12, d16, d20, d26, d32, d4, d6, d8."),
-    (["logger=[wandb,tensorbord]"], "logger=tensorbord is not a choice of logger; the choices are csv, none, tensorboard, wandb."),
+    (
+        ["logger=[wandb,tensorbord]"],
+        "logger=tensorbord is not a choice of logger; the choices are csv, none, tensorboard, wandb.",
+    ),
     (["debug=quick"], "debug=quick is not a choice of debug; the choices are fast, overfit, profile."),
     (["data=local"], "data.path needs a value (it is ??? in the YAML): set data.path=<value>."),
     (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate is not a key of optimizer; did you mean optimizer.lr?"),

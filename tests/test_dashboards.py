@@ -341,7 +341,9 @@ def test_a_step_above_a_peak_measured_while_the_cpu_was_busy_measures_it_again(s
     """A peak taken while other work had the cores is too low; the first step that beats it measures
     the peak again (for real, here) and its MFU is against that."""
     run_dir = tmp_path / "run"
-    overrides = [o for o in tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=3") if "peak_flops" not in o]
+    overrides = [
+        o for o in tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=3") if "peak_flops" not in o
+    ]
     run = assemble_run(*overrides, run_dir=run_dir)
     assert run.trainer.remeasure_peak is not None
     run.trainer.peak_flops = 1e6  # as if measured while the CPU was busy: any step beats it
@@ -349,6 +351,7 @@ def test_a_step_above_a_peak_measured_while_the_cpu_was_busy_measures_it_again(s
     mfus = [r["train/mfu"] for r in train_records(run_dir)]
     assert all(0 < m <= 100 for m in mfus), mfus
     assert run.trainer.peak_flops > 1e9
-    assert "ran above the peak of 0.0 GFLOP/s measured earlier (the CPU was busy then); measured again: " in (
-        run_dir / "train.log"
-    ).read_text()
+    assert (
+        "ran above the peak of 0.0 GFLOP/s measured earlier (the CPU was busy then); measured again: "
+        in (run_dir / "train.log").read_text()
+    )
