@@ -274,6 +274,8 @@ def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_d
         assert {"train/loss", "train/loss_ema", "train/grad_norm", "train/mfu", "val/bpb"} <= logged
         assert run.job_type == "train"
     assert runs[0].run_id != runs[1].run_id
+    for job, (run, lr) in enumerate(zip(runs, ["0.0001", "0.0003"])):  # named by choices, overrides, sweep and job
+        assert run.display_name.startswith(f"d4-adamw-lr={lr}-") and run.display_name.endswith(f" (sweep #{job})")
     assert runs[0].run_group == runs[1].run_group == sweep_dir.name  # one W&B group per sweep
     assert [[t for t in run.tags if t.startswith("optimizer.lr=")] for run in runs] == [
         ["optimizer.lr=0.0001"],
