@@ -23,6 +23,7 @@ from nanochat.config import (
     discard_if_untouched,
     hydra_run_dir,
     is_sweep_job,
+    job_name,
     sweep_group,
     task_overrides,
 )
@@ -39,11 +40,10 @@ def report(message: str) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     try:
-        final = assemble(cfg, hydra_run_dir(), task_overrides(), sweep_group()).fit()
+        final = assemble(cfg, hydra_run_dir(), task_overrides(), sweep_group(), job_name()).fit()
         if "stopped_by" in final:  # also ends a sweep: the user or the scheduler asked to stop
             sys.exit(0)
-        print(f"done in {final['wall_time']:.0f}s: val bpb {final['val/bpb']:.4f}, run dir {hydra_run_dir()}")
-        return final["val/bpb"]
+        return final["val/bpb"]  # the run said "done in ..." in its train.log
     except Exception as error:
         user_error = as_user_error(error)
         if user_error is not None:

@@ -12,6 +12,7 @@ every rank runs assemble(); see nanochat/distributed.py for together() and main_
 
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from nanochat.checkpoint import Checkpoint, check_model_matches, check_tokenizer
 from nanochat.config import build, check_command_line, resolved, without_hydra
 from nanochat.core_eval import EvalBundle, fetch_bundle, task_examples
 from nanochat.data.loader import LaneLoader, ValidationRows
-from nanochat.device import PRECISION_PROBE_ROWS, check_available, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from nanochat.device import (
+    PRECISION_PROBE_ROWS,
+    check_available,
+    keep_freed_memory,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+)
 from nanochat.distributed import (
     broadcast_,
     broadcast_object,
@@ -37,6 +45,7 @@ from nanochat.distributed import (
 )
 from nanochat.errors import UserError, named_as
 from nanochat.interface import LanguageModel
+from nanochat.logs import RunLog, log
 from nanochat.resume import ResumePlan, plan_resume, record_invocation
 from nanochat.run_dir import RunDirLock, check_creatable, check_not_in_use
 from nanochat.schema import Settings, check_config
@@ -129,20 +138,53 @@ def check_jobs(argv: list[str], world_size: int = 1) -> None:
 
 
 class Run:
-    """An assembled training run: fit() trains it, then closes its tracker and frees its run dir."""
+    """An assembled training run: fit() trains it, says how it ended, then closes its tracker and
+    its train.log and frees its run dir."""
 
-    def __init__(self, trainer: Trainer, tracker, lock: RunDirLock | None):
+    def __init__(self, trainer: Trainer, tracker, lock: RunDirLock | None, run_log: RunLog | None = None):
         self.trainer = trainer
         self.tracker = tracker
         self.lock = lock
+        self.run_log = run_log
 
     def fit(self) -> dict:
         try:
-            return self.trainer.fit()
+            final = self.trainer.fit()
+            if "stopped_by" not in final:
+                log.info(
+                    f"done in {final['wall_time']:.0f}s: val bpb {final['val/bpb']:.4f} (min {final['min_val_bpb']:.4f}), "
+                    f"run dir {self.trainer.run_dir}"
+                )
+            return final
+        except Exception as error:  # train.py reports it on the terminal; the log keeps it too
+            if self.run_log is not None:
+                what = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+                self.run_log.to_file(f"error: {what}")
+            raise
         finally:
             self.tracker.finish()
+            if self.run_log is not None:
+                self.run_log.close()
             if self.lock is not None:
                 self.lock.release()
+
+
+def git_state(repo: Path = Path(__file__).resolve().parents[1]) -> dict:
+    """The commit the code runs from and whether the work tree differs from it (None outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    if commit.returncode != 0:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
 def matmul_weight_shapes(model: LanguageModel) -> list[tuple[int, int]]:
@@ -159,14 +201,14 @@ def _autocast_dtype(components: Components, device: torch.device, checkpoint: Ch
     settings = components.settings
     saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
     if settings.system.dtype == "auto" and saved is not None and saved["device"] == device.type:
-        print(f"system.dtype=auto: {saved['dtype']}, as measured when the run started")
+        log.info(f"system.dtype=auto: {saved['dtype']}, as measured when the run started")
         return getattr(torch, saved["dtype"])
     name = None
     if is_main():
         rows = min(settings.trainer.device_batch_size * components.model.sequence_len, PRECISION_PROBE_ROWS)
         dtype, note = resolve_dtype(settings.system.dtype, device, matmul_weight_shapes(components.model), rows)
         if note:
-            print(note)
+            log.info(note)
         name = str(dtype).removeprefix("torch.")
     return getattr(torch, broadcast_object(name))
 
@@ -176,7 +218,7 @@ def _prepare_data(components: Components):
     corpus = components.data
     corpus.prepare()
     for name, bpb in corpus.compression_baselines().items():
-        print(f"reference on this validation text: {name} {bpb:.3f} bits per byte")
+        log.info(f"reference on this validation text: {name} {bpb:.3f} bits per byte")
     return corpus, components.tokenizer.load_or_train(corpus)
 
 
@@ -204,23 +246,36 @@ def _describe_start(plan: ResumePlan, checkpoint: Checkpoint) -> str:
     )
 
 
-def assemble(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (), sweep_group: str | None = None) -> Run:
+def assemble(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    overrides: list[str] = (),
+    sweep_group: str | None = None,
+    name: str | None = None,
+) -> Run:
     """Build the run cfg describes in run_dir (the job's overrides are kept as W&B tags, in the
-    resume hint and in invocations.jsonl); every rank calls this under torchrun."""
+    resume hint and in invocations.jsonl; name is the W&B run's when conf/logger sets none, see
+    nanochat.tracking.run_name); every rank calls this under torchrun."""
     run_dir = Path(run_dir)
     with together("checking the config"):
         components = check(cfg, world_size())
     with together("taking the run dir"):
         lock = RunDirLock(run_dir) if is_main() else None  # one live run per run dir
+    run_log = RunLog(run_dir, rank(), components.settings.system.quiet_ranks)
     try:
-        return _assemble(components, run_dir, list(overrides), sweep_group, lock)
+        run = _assemble(components, run_dir, list(overrides), sweep_group, name, lock)
+        run.run_log = run_log
+        return run
     except BaseException:
+        run_log.close()
         if lock is not None:
             lock.release()
         raise
 
 
-def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep_group: str | None, lock) -> Run:
+def _assemble(
+    components: Components, run_dir: Path, overrides: list[str], sweep_group: str | None, name: str | None, lock
+) -> Run:
     ranks = world_size()
     config, settings = components.config, components.settings
     check_same_config(config)
@@ -240,7 +295,7 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
     device = resolve_device(settings.system.device)
     allocator_note = keep_freed_memory(settings.system.keep_freed_memory, device)  # before any large tensor
     if allocator_note:
-        print(allocator_note)
+        log.info(allocator_note)
     dtype = _autocast_dtype(components, device, checkpoint)
     torch.manual_seed(settings.trainer.seed)
 
@@ -270,21 +325,18 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
         )
         validation = ValidationRows(corpus.files("val"), tokenizer, settings.eval.tokens // sequence_len, sequence_len)
         make_val_batches = lambda: validation.batches(rank(), ranks, loop.device_batch_size)  # noqa: E731
-        # Only rank 0 logs: one metrics.jsonl and one W&B run per run dir.
-        tracker = SilentTracker()
-        if is_main():
-            continuing = checkpoint is not None and plan.continuing
-            tracker = components.logger.start(
-                run_dir=run_dir,
-                run_config=config,
-                run_id=checkpoint.meta["wandb_run_id"] if continuing else None,
-                log_offsets=checkpoint.meta["log_offsets"] if continuing else None,
-                overrides=overrides,
-                default_group=sweep_group,
-            )
+        # Only rank 0 logs: one metrics.jsonl and one W&B run per run dir (started below, once the
+        # trainer knows the run's derived figures).
+        tracker = components.logger if is_main() else SilentTracker()
     broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
-    peak, peak_note = peak_flops(device, dtype, settings.system.peak_flops)
-    print(peak_note)
+
+    def measure_peak() -> tuple[float | None, str]:
+        shapes, rows = matmul_weight_shapes(model), settings.trainer.device_batch_size * model.sequence_len
+        return peak_flops(device, dtype, settings.system.peak_flops, shapes, rows=rows)
+
+    peak, peak_note = measure_peak()
+    log.info(peak_note)
+    measured = settings.system.peak_flops is None and device.type != "cuda"
     with together("restoring the checkpoint"):
         trainer = Trainer(
             settings,
@@ -307,13 +359,35 @@ def _assemble(components: Components, run_dir: Path, overrides: list[str], sweep
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,
             core_bundle=core_bundle,
+            remeasure_peak=(lambda: measure_peak()[0]) if measured else None,
         )
         if checkpoint is not None:
             restored_data = trainer.restore(checkpoint, same_data=checkpoint.meta["config"]["data"] == config["data"])
-            print(_describe_start(plan, checkpoint))
+            log.info(_describe_start(plan, checkpoint))
             if not restored_data:
-                print("the data differs from the checkpoint's: reading it from the start")
-    if is_main():
-        record_invocation(run_dir, overrides, plan, checkpoint, ranks)
-    print(trainer.describe())
+                log.info("the data differs from the checkpoint's: reading it from the start")
+    with together("starting the loggers"):
+        if is_main():
+            _start_logging(tracker, trainer, run_dir, config, plan, checkpoint, overrides, sweep_group, name, ranks)
+    log.info(trainer.describe())
     return Run(trainer, tracker, lock)
+
+
+def _start_logging(tracker, trainer: Trainer, run_dir, config, plan, checkpoint, overrides, sweep_group, name, ranks):
+    """Rank 0: the invocation record, then metrics.jsonl and the backends, with the derived figures."""
+    record_invocation(run_dir, overrides, plan, checkpoint, ranks)
+    continuing = checkpoint is not None and plan.continuing
+    tracker.start(
+        run_dir=run_dir,
+        run_config=config,
+        run_id=checkpoint.meta["wandb_run_id"] if continuing else None,
+        log_offsets=checkpoint.meta["log_offsets"] if continuing else None,
+        overrides=overrides,
+        default_group=sweep_group,
+        default_name=name,
+        derived={**trainer.derived(), "torch_version": torch.__version__, **git_state()},
+        device_type=trainer.device.type,
+        start_step=trainer.start_step,
+    )
+    backends = ", ".join(["metrics.jsonl", *tracker.backends])
+    log.info(f"logging to {backends} in {run_dir}; console in {run_dir / 'train.log'}")

@@ -114,7 +114,9 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, UserError) or lost_peer(error):
             raise
-        raise UserError(f"cannot write checkpoint {final} ({_reason(error)}); the checkpoints before it are intact.") from None
+        raise UserError(
+            f"cannot write checkpoint {final} ({_reason(error)}); the checkpoints before it are intact."
+        ) from None
     return final
 
 

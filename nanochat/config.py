@@ -28,13 +28,70 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from nanochat.distributed import broadcast_object, is_main
 from nanochat.errors import InvalidArgument, UserError
 from nanochat.schema import renamed, suggest
+from nanochat.tracking import run_name
 
-# Used by conf/model/_gpt.yaml to express nanochat's depth rule.
+# Used by conf/base/gpt.yaml to express nanochat's depth rule.
 OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
 OmegaConf.register_new_resolver("ceil_div", lambda a, b: -(-a // b), replace=True)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY_CONFIG = "config"
+
+# The config groups `python train.py --help` lists, each with one line; their choices are the YAML
+# files of conf/<group>/ (files whose name starts with _ are bases, not choices), each described by
+# the first sentence of its leading comment.
+HELP_GROUPS = {
+    "model": "the architecture and its size (nanochat's depth rule: width = 64 x n_layer)",
+    "optimizer": "the optimizer recipe",
+    "schedule": "the learning-rate schedule over the run",
+    "data": "the pretraining corpus",
+    "logger": "where metrics go besides metrics.jsonl; several at once: logger=[wandb,tensorboard,csv]",
+    "experiment": "a preset applied over everything else, e.g. experiment=d20_speedrun",
+    "debug": "a quick check, applied last: debug=fast | overfit | profile",
+    "hydra/launcher": "how the jobs of a sweep (-m) run; default: one after another in this process",
+}
+BUILTIN_CHOICES = {"hydra/launcher": {"basic": "Hydra's default: the jobs one after another, in this process."}}
+
+
+def describe_config_file(path: Path, limit: int = 110) -> str:
+    """The first sentence of a YAML file's leading comment (a package header left out), cut to limit characters."""
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith("@package"):
+            words.append(text)
+    text = " ".join(w for w in words if w)
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if len(sentence) > limit:
+        sentence = sentence[: limit - 1].rsplit(" ", 1)[0] + "…"
+    return sentence
+
+
+def group_choices(group: str, conf_dir: Path = CONF_DIR) -> dict[str, str]:
+    """{choice: description} of a config group, bases (files starting with _) left out."""
+    choices = dict(BUILTIN_CHOICES.get(group, {}))
+    natural = lambda path: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.stem)]  # noqa: E731
+    for path in sorted((conf_dir / group).glob("*.yaml"), key=natural):
+        if not path.stem.startswith("_"):
+            choices[path.stem] = describe_config_file(path)
+    return choices
+
+
+def groups_help(conf_dir: Path = CONF_DIR) -> str:
+    """The config groups, their choices and one line each, as `python train.py --help` shows them."""
+    lines = []
+    for group, what in HELP_GROUPS.items():
+        lines.append(f"{group}: {what}")
+        choices = group_choices(group, conf_dir)
+        width = max(map(len, choices), default=0)
+        lines += [f"  {choice.ljust(width)}  {description}" for choice, description in choices.items()]
+        lines.append("")
+    return "\n".join(lines).rstrip().replace("$", "$$")  # Hydra fills the help in with string.Template
+
+
+OmegaConf.register_new_resolver("nanochat_groups", lambda: groups_help(), replace=True)
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -102,6 +159,12 @@ def explain_compose_error(error: Exception, overrides: list[str], config_name: s
         options = re.findall(r"^\t(\S+)$", message.split("Available options", 1)[-1], flags=re.MULTILINE)
         options = [o for o in options if not o.startswith("_")]
         return f"{group}={choice} is not a choice of {group}; the choices are {', '.join(options)}."
+    unloadable = re.search(r"Could not load '([^']+)/([^'/]+)'", message)
+    if unloadable:  # a wrong name inside a list of choices, e.g. logger=[wandb,tensorbord]
+        group, choice = unloadable.groups()
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+        if options:
+            return f"{group}={choice} is not a choice of {group}; the choices are {', '.join(options)}."
     return f"the command line does not compose: {_first_line(error)}"
 
 
@@ -250,6 +313,19 @@ def task_overrides() -> list[str]:
 def sweep_group() -> str | None:
     """The W&B group of a sweep's jobs: the sweep dir's name (None for a single run)."""
     return Path(HydraConfig.get().sweep.dir).name if is_sweep_job() else None
+
+
+def job_name(hydra_node: DictConfig | None = None) -> str:
+    """The W&B run name of the running job (or of a composed config's `hydra` node): its model and
+    optimizer choices and overrides, plus the sweep's name and job number for a sweep job (see
+    nanochat.tracking.run_name)."""
+    hydra_node = HydraConfig.get() if hydra_node is None else hydra_node
+    choices = OmegaConf.to_container(hydra_node.runtime.choices)
+    overrides = [o for o in hydra_node.overrides.task if not o.lstrip("+").startswith("checkpoint.resume=")]
+    sweep = None
+    if hydra_node.mode == RunMode.MULTIRUN:
+        sweep = (Path(hydra_node.sweep.dir).name, int(hydra_node.job.num))
+    return run_name(choices, overrides, sweep)
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:

@@ -63,6 +63,7 @@ from nanochat.data.download import fetch_url
 from nanochat.device import autocast
 from nanochat.distributed import all_reduce_sum_, is_main, rank, world_size
 from nanochat.errors import InvalidArgument, UserError
+from nanochat.logs import log
 
 # nanochat's copy of the DCLM eval bundle (~162 MB), as scripts/base_eval.py downloads it. nanochat
 # publishes no checksum for it, so none is pinned by default: fetch_bundle(sha256=...) pins one.
@@ -606,11 +607,10 @@ def evaluate_core(
             metrics[f"core/{task.label}"] = centered(accuracy, task.random_baseline)
             metrics[f"core_accuracy/{task.label}"] = accuracy
             if is_main():
-                print(
+                log.info(
                     f"CORE {task.label}: accuracy {accuracy:.4f}, centered {metrics[f'core/{task.label}']:.4f} "
                     f"({len(data)} examples, {task.num_fewshot}-shot {task.task_type}) in "
-                    f"{time.perf_counter() - start:.1f}s",
-                    flush=True,
+                    f"{time.perf_counter() - start:.1f}s"
                 )
     finally:
         model.train(was_training)

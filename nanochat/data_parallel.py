@@ -182,7 +182,9 @@ class ReplicatedOptimizers:
 
     def load_full_state(self, full: list[dict[int, dict]]) -> None:
         """Load full_state()'s result as this layout's own state (see load_state_dict)."""
-        self.load_state_dict([_state_dict(opt, per_param) for opt, per_param in zip(self.optimizers, full, strict=True)])
+        self.load_state_dict(
+            [_state_dict(opt, per_param) for opt, per_param in zip(self.optimizers, full, strict=True)]
+        )
 
 
 def _rowwise(value, rows: int) -> bool:
@@ -288,7 +290,12 @@ def assign_owners(optimizers: Sequence[torch.optim.Optimizer], world_size: int) 
 
 
 def _owners(elementwise: list[bool], full: list[list[torch.nn.Parameter]], world_size: int) -> dict[int, int]:
-    whole = [p for is_elementwise, params in zip(elementwise, full) for p in params if not is_elementwise or p.size(0) % world_size]
+    whole = [
+        p
+        for is_elementwise, params in zip(elementwise, full)
+        for p in params
+        if not is_elementwise or p.size(0) % world_size
+    ]
     load = [0] * world_size
     owner_of = {}
     for p in sorted(whole, key=lambda p: -p.numel()):  # stable: the same order on every rank

@@ -7,16 +7,20 @@ one kind differ (with and without native bf16 matmul instructions, e.g. AVX-512 
 
 import contextlib
 import ctypes
+import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nanochat.distributed import local_rank
 from nanochat.errors import UserError
+from nanochat.logs import log
 
 # Dense bf16 tensor-core peaks (no 2:4 sparsity), from the vendors' datasheets. Matched in order
 # against torch.cuda.get_device_name(), so more specific names come first.
@@ -202,17 +206,112 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of square matmuls at this dtype: the practical peak of a device with no datasheet.
-    One matmul per timing, so a dtype the device runs slowly (bf16 without native instructions,
-    ~1-3 s per 1024^3 matmul) still finishes after a warm-up and one timed call."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds_per_matmul = best_time(lambda: torch.matmul(a, b), device, repeats=1_000_000, budget_s=seconds)
-    return 2 * size**3 / seconds_per_matmul
+    """Best FLOP/s of square matmuls at this dtype. One matmul per timing, so a dtype the device runs
+    slowly (bf16 without native instructions, ~1-3 s per 1024^3 matmul) still finishes after a
+    warm-up and one timed call."""
+    return measure_peak_flops(device, dtype, [(size, size, size)], seconds)[0]
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float | None, str]:
-    """The FLOP/s MFU divides by, and a sentence saying where it came from."""
+# Rows of activations the CPU peak measurement multiplies by the model's weights at most: its
+# weight-gradient matmuls have this inner dimension; beyond a few thousand a matmul runs no faster.
+PEAK_PROBE_ROWS = 4096
+PEAK_PROBE_SQUARES = (512, 1024, 2048)
+
+
+def peak_probe_shapes(weight_shapes: Sequence[tuple[int, int]], rows: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) matmuls of one training step: each weight [out, in] as the forward multiplies it
+    (rows x in @ in x out), as the input gradient (rows x out @ out x in) and the weight gradient
+    (out x rows @ rows x in), plus square ones; duplicates once."""
+    rows = max(1, min(rows, PEAK_PROBE_ROWS))
+    shapes = [(size, size, size) for size in PEAK_PROBE_SQUARES]
+    for fan_out, fan_in in weight_shapes:
+        shapes += [(rows, fan_in, fan_out), (rows, fan_out, fan_in), (fan_out, rows, fan_in)]
+    return list(dict.fromkeys(shapes))
+
+
+def measure_peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    shapes: Sequence[tuple[int, int, int]],
+    seconds: float = 0.15,
+    total_s: float = 10.0,
+) -> tuple[float, tuple[int, int, int]]:
+    """The best FLOP/s any of the (m, k, n) matmuls reaches at this dtype and thread count, and its
+    shape: the practical peak of a device with no datasheet. Each is timed at its best over up to
+    `seconds` (after a warm-up call); shapes left once total_s has passed are not measured."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    best, best_shape = 0.0, shapes[0]
+    deadline = time.perf_counter() + total_s
+    for m, k, n in shapes:
+        if best > 0 and time.perf_counter() > deadline:  # a dtype this device runs slowly: enough said
+            break
+        a = torch.randn(m, k, device=device, generator=generator).to(dtype)
+        b = torch.randn(k, n, device=device, generator=generator).to(dtype)
+        flops = 2 * m * k * n / best_time(lambda: torch.matmul(a, b), device, repeats=1_000_000, budget_s=seconds)
+        if flops > best:
+            best, best_shape = flops, (m, k, n)
+    return best, best_shape
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_cache_path() -> Path:
+    """Where the best CPU peak measured so far on this machine is kept: $NANOCHAT_CACHE_DIR, else
+    $XDG_CACHE_HOME/nanochat, else ~/.cache/nanochat."""
+    root = (
+        os.environ.get("NANOCHAT_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanochat"
+    )
+    return Path(root) / "cpu_peak_flops.json"
+
+
+def best_peak_so_far(key: str, measured: float) -> tuple[float, bool]:
+    """max(measured, the best recorded under key), recording the new best; and whether the record
+    won. A CPU shared with other work measures low when it is busy: the best of every measurement on
+    this machine is the figure a quiet moment can reach. An unwritable cache only loses the memory."""
+    path = peak_cache_path()
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        records = {}
+    best = records.get(key, 0.0)
+    if measured > best:
+        records[key] = measured
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(records, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return measured, False
+    return best, True
+
+
+def peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    override: float | None,
+    weight_shapes: Sequence[tuple[int, int]] = (),
+    rows: int = PEAK_PROBE_ROWS,
+) -> tuple[float | None, str]:
+    """The FLOP/s MFU divides by, and a sentence saying where it came from.
+
+    On a GPU, the datasheet's dense bf16 peak. On a CPU (or MPS), measured now at the run's dtype
+    and thread count: the best of square matmuls and of the model's own forward and backward
+    matmuls (weight_shapes [out, in] with `rows` activation rows), so that no step of this model,
+    eager or compiled, does more matmul work per second than the peak it is divided by; and since
+    a machine shared with other work measures low while it is busy, the best such figure measured
+    on this machine so far at this dtype and thread count (peak_cache_path()) if that is higher."""
     if override is not None:
         return float(override), f"MFU is against system.peak_flops={override:.3g} FLOP/s"
     if device.type == "cuda":
@@ -221,11 +320,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None)
             if pattern in name:
                 return flops, f"MFU is against the {name} datasheet bf16 peak of {flops:.3g} FLOP/s"
         return None, f"no peak FLOP/s known for {name}: set system.peak_flops to log MFU"
-    flops = measure_matmul_flops(device, dtype)
-    return flops, (
-        f"MFU on {device.type} is against a peak measured now by a {str(dtype).removeprefix('torch.')} "
-        f"matmul: {flops / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads"
+    shapes = peak_probe_shapes(weight_shapes, rows)
+    measured, (m, k, n) = measure_peak_flops(device, dtype, shapes)
+    threads = torch.get_num_threads()
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = f"{device.type}|{cpu_name() if device.type == 'cpu' else device}|{dtype_name}|{threads} threads"
+    flops, from_record = best_peak_so_far(key, measured)
+    note = (
+        f"MFU on {device.type} is against a peak measured now: the best of {len(shapes)} {dtype_name} matmul shapes "
+        f"(square and this model's forward and backward) on {threads} thread{'s' if threads > 1 else ''}, "
+        f"{measured / 1e9:.1f} GFLOP/s at {m}x{k} @ {k}x{n}"
     )
+    if from_record:
+        note += f"; the best measured on this machine so far is higher, {flops / 1e9:.1f} GFLOP/s ({peak_cache_path()})"
+    return flops, note
 
 
 class CompiledOrEager:
@@ -243,7 +351,7 @@ class CompiledOrEager:
 
     def fall_back(self, error: BaseException) -> None:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f"torch.compile failed for {self.what} ({type(error).__name__}: {first_line[:200]}); running it eager")
+        log.info(f"torch.compile failed for {self.what} ({type(error).__name__}: {first_line[:200]}); running it eager")
         self.current, self.compiled, self.checked = self.eager, False, True
 
     def __call__(self, *args, **kwargs):

@@ -50,7 +50,7 @@ LOSS_CHUNK_LOGITS_ELSEWHERE = 2**27
 
 @dataclass
 class GPTConfig:
-    """The shape of a GPT; conf/model/ holds the values (nanochat's depth rule in _gpt.yaml)."""
+    """The shape of a GPT; conf/model/ holds the values (nanochat's depth rule in conf/base/gpt.yaml)."""
 
     sequence_len: int
     vocab_size: int

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from nanochat.device import CompiledOrEager, PrecisionChoice, choose_precision
+from nanochat.logs import log
 
 # Quintic coefficients chosen to maximise the slope at zero, so small singular values grow fast.
 # The price is that the iteration does not converge to exactly one: after 5 steps the singular
@@ -161,5 +162,5 @@ def resolve_ns_dtype(ns_dtype: str, params: list[torch.Tensor], ns_steps: int) -
             matrix = torch.randn(*shape, generator=generator)
             tasks.append((lambda dtype, matrix=matrix: zeropower_via_newtonschulz5(matrix, 1, dtype), count * ns_steps))
         _NS_CHOICES[key] = choose_precision(tasks, device)
-        print(_NS_CHOICES[key].describe("optimizer.ns_dtype=auto, Muon's Newton-Schulz"))
+        log.info(_NS_CHOICES[key].describe("optimizer.ns_dtype=auto, Muon's Newton-Schulz"))
     return str(_NS_CHOICES[key].dtype).removeprefix("torch.")

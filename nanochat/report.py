@@ -105,13 +105,16 @@ class Run:
     def eval_flops(self) -> np.ndarray:
         """Total training FLOPs behind each evaluation.
 
-        Val records carry no FLOPs. The val record at step s measures the model after s updates,
-        and the train record at step k holds the FLOPs after k+1 updates, so the value wanted is
-        the train record at step s-1 (0 at step 0). Interpolating over (k+1, FLOPs) from (0, 0)
+        Val records carry their FLOPs now (those of the s updates before step s) and are read as
+        they are. Older runs' carry none: their val record at step s measures the model after s
+        updates, and their train record at step k holds the FLOPs after k+1 updates, so the value
+        wanted is the train record at step s-1 (0 at step 0). Interpolating over (k+1, FLOPs) from (0, 0)
         gives exactly that record when it was logged and, as FLOPs grow linearly with updates,
         the right value when trainer.log_every skipped it; an evaluation after the last logged
         update (a run cut off mid-file) is extrapolated at the last record's FLOPs per update.
         """
+        if self.evals and all("total_training_flops" in r for r in self.evals):  # logged with the evaluation
+            return np.array([_number(r["total_training_flops"]) for r in self.evals])
         if not self.train:
             return np.full(len(self.evals), math.nan)
         updates = np.array([0] + [r["step"] + 1 for r in self.train])

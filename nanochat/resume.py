@@ -53,6 +53,7 @@ CHANGEABLE = (
     "system.shard_optimizer",  # the optimizer state is re-split on resume (nanochat/data_parallel.py)
     "system.quiet_ranks",
     "logger",
+    "profile",
 )
 HISTORY = "invocations.jsonl"
 

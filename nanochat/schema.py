@@ -44,6 +44,7 @@ class TrainerConfig:
     seed: int
     log_every: int
     skip_nonfinite: int  # steps in a row whose loss or grad norm is not finite that are skipped before stopping
+    overfit: bool  # train on the first step's batch over and over (debug=overfit: the loss must fall near zero)
 
     def __post_init__(self):
         if not (self.num_iterations > 0 or self.num_iterations == -1):
@@ -165,6 +166,19 @@ class SystemConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """`profile`: torch.profiler over `steps` training steps after `skip` warm-up steps (debug=profile)."""
+
+    steps: int  # 0: no profiling
+    skip: int  # steps run unprofiled first: compilation, allocator and caches warm up
+
+    def __post_init__(self):
+        for name in ("steps", "skip"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{{{name}}} must be >= 0.", **{name: getattr(self, name)})
+
+
+@dataclass
 class Settings:
     """The settings nodes of one run, as the trainer takes them."""
 
@@ -173,6 +187,7 @@ class Settings:
     sample: SampleConfig
     checkpoint: CheckpointConfig
     system: SystemConfig
+    profile: ProfileConfig
 
     @classmethod
     def from_config(cls, config: dict) -> "Settings":
@@ -189,6 +204,7 @@ SETTINGS = {
     "sample": SampleConfig,
     "checkpoint": CheckpointConfig,
     "system": SystemConfig,
+    "profile": ProfileConfig,
 }
 TOP_LEVEL = (*COMPONENTS, *SETTINGS)
 

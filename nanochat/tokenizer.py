@@ -34,6 +34,7 @@ import torch
 
 from nanochat.data.corpus import atomic_path
 from nanochat.errors import InvalidArgument, UserError
+from nanochat.logs import log
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -224,7 +225,7 @@ def train_and_save(directory: str | os.PathLike, vocab_size: int, corpus, max_ch
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train(_capped(corpus.iter_documents("train"), max_chars, doc_cap), vocab_size)
     tokenizer.save(path)
-    print(f"trained tokenizer in {time.perf_counter() - t0:.1f}s: vocab_size={vocab_size} -> {path}")
+    log.info(f"trained tokenizer in {time.perf_counter() - t0:.1f}s: vocab_size={vocab_size} -> {path}")
     return tokenizer
 
 

@@ -7,9 +7,20 @@ One optimizer step (see DESIGN.md, "Data flow of one step"):
     -> lr multiplier and Muon momentum for this step -> every optimizer steps -> zero grads
     -> train/* metrics to metrics.jsonl (and W&B) and a progress line, from rank 0
 The loop runs num_iterations + 1 times so that evaluation and sampling happen after the last update.
-Before a step s: val bpb at s = 0, every eval.every steps and at the end; CORE (eval.core_every > 0)
-every core_every steps and at the end, not at step 0 (as nanochat's base_train), core/metric and
-core/<task> logged at s.
+
+Step numbering, one convention everywhere (console, metrics.jsonl, W&B, TensorBoard, CSV), as in
+nanochat: `step s` is the 0-based index of an update. Train metrics at step s describe update s (the
+(s+1)-th: its loss, grad norm, lr, timing); evaluation and samples at step s see the weights after s
+updates, i.e. before update s (so a run of N steps evaluates at 0, ..., N); checkpoint step_00000s
+holds the state after s updates. The x-axes `train/tokens` and `total_training_flops` at step s are
+the tokens and FLOPs of the s updates before it, in train and val records alike.
+
+Long phases say what they do: a line as each evaluation, sampling, checkpoint or profile starts
+(what, how big) and one with its result and duration as it ends (nanochat/logs.py phase()).
+
+Evaluations: val bpb at step 0, every eval.every steps and at the end; CORE (eval.core_every > 0)
+every core_every steps and at the end, not at step 0 (as nanochat's base_train).
+
 Under torchrun every rank runs this loop in step; nanochat/data_parallel.py holds what differs.
 
 Speed (measured by tests/benchmarks/train_throughput.py):
@@ -32,6 +43,7 @@ at every step whether any of them was signalled, so they all stop after the same
 """
 
 import gc
+import json
 import math
 import random
 import signal
@@ -51,12 +63,13 @@ from nanochat.checkpoint import (
     save_checkpoint,
 )
 from nanochat.core_eval import EvalBundle, evaluate_core, longest_prompt
-from nanochat.data.loader import Prefetcher, merge_lane_states
+from nanochat.data.loader import Prefetcher, RepeatFirst, merge_lane_states
 from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, shards_state
 from nanochat.device import CompiledOrEager, autocast
 from nanochat.distributed import RankFailed, all_reduce_sum_, is_main, rank
 from nanochat.errors import UserError
 from nanochat.evaluation import evaluate_bpb, sample_completions
+from nanochat.logs import log, phase
 from nanochat.metrics import LossEMA, StepClock, format_duration, mfu_percent
 from nanochat.optim import apply_schedule
 from nanochat.schema import Settings, TrainerConfig
@@ -119,9 +132,11 @@ class Trainer:
         resume_hint: str = "",
         world_size: int = 1,
         core_bundle: EvalBundle | None = None,
+        remeasure_peak: Callable[[], float] | None = None,
     ):
         """model: any nanochat/interface.py LanguageModel, on its device with its weights set.
-        core_bundle: the eval bundle CORE is computed on when settings.eval.core_every > 0."""
+        core_bundle: the eval bundle CORE is computed on when settings.eval.core_every > 0.
+        remeasure_peak: for a peak measured at start-up (CPU), measures it again (see train_step)."""
         self.settings = settings
         self.config = config = settings.trainer
         self.model = model  # the uncompiled module: what we save, evaluate and sample
@@ -136,6 +151,11 @@ class Trainer:
             self.step_optimizers = ShardedOptimizers(optimizers, rank(), world_size)
         else:
             self.step_optimizers = ReplicatedOptimizers(optimizers, world_size)
+        self.sequence_len = model.sequence_len
+        tokens_per_micro_step = config.device_batch_size * self.sequence_len * world_size
+        self.grad_accum_steps = config.total_batch_size // tokens_per_micro_step
+        if config.overfit:  # one step's micro-batches, every step
+            train_loader = RepeatFirst(train_loader, self.grad_accum_steps)
         # an iterator of (inputs, targets) with state_dict(), prepared one batch ahead
         self.train_loader = Prefetcher(train_loader, pin_memory=device.type == "cuda")
         self.make_val_batches = make_val_batches
@@ -146,6 +166,7 @@ class Trainer:
         self.device = device
         self.dtype = dtype
         self.peak_flops = peak_flops
+        self.remeasure_peak = remeasure_peak
         self.checkpoint_meta = checkpoint_meta
         self.resume_hint = resume_hint
         self.world_size = world_size
@@ -153,9 +174,6 @@ class Trainer:
             raise ValueError("eval.core_every > 0 needs the eval bundle (core_bundle)")
         self.core_bundle = core_bundle
 
-        self.sequence_len = model.sequence_len
-        tokens_per_micro_step = config.device_batch_size * self.sequence_len * world_size
-        self.grad_accum_steps = config.total_batch_size // tokens_per_micro_step
         self.flops_per_token = model.estimate_flops()
         self.num_iterations = resolve_num_iterations(config, self.flops_per_token, model.num_params())
         self.loss_ema = LossEMA(beta=0.9)
@@ -167,6 +185,24 @@ class Trainer:
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.stopping = False  # some rank was signalled before this step's all-reduce
         self.warm = False  # a step has run in this process: compiled, allocator and caches warm
+
+    def derived(self) -> dict:
+        """The run's figures that follow from its config and model, for the W&B config."""
+        c = self.config
+        tokens = c.total_batch_size * self.num_iterations
+        return {
+            "parameters": self.model.num_params(),
+            "flops_per_token": self.flops_per_token,
+            "num_iterations": self.num_iterations,
+            "grad_accum_steps": self.grad_accum_steps,
+            "total_tokens": tokens,
+            "total_flops": self.flops_per_token * tokens,
+            "tokens_per_parameter": tokens / self.model.num_params(),
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "peak_flops": self.peak_flops,
+        }
 
     def describe(self) -> str:
         c = self.config
@@ -190,48 +226,62 @@ class Trainer:
         # Eager, not self.forward: a compiled model would compile a second graph for evaluation.
         return evaluate_bpb(self.model, self.make_val_batches(), self.token_bytes, self.device, self.dtype)
 
+    def _evaluate_and_log(self, step: int) -> float:
+        tokens = self.settings.eval.tokens // self.sequence_len * self.sequence_len
+        with phase(f"step {step} val bpb", f"{tokens:,} validation tokens") as done:
+            val_bpb = self.evaluate()
+            self.min_val_bpb = min(self.min_val_bpb, val_bpb)
+            done(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
+        self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb, **self._axes(step)}, step=step)
+        return val_bpb
+
+    def _axes(self, step: int) -> dict:
+        """The x-axes of an evaluation at step, so that it plots against tokens and FLOPs too: the
+        tokens and FLOPs of the `step` updates before it."""
+        tokens_seen = self.config.total_batch_size * step
+        return {"train/tokens": tokens_seen, "total_training_flops": self.flops_per_token * tokens_seen}
+
     def evaluate_core(self, step: int) -> dict:
         """CORE on every rank (each takes its stride of the examples; the counts are summed), eager
-        like evaluate(); logged at step and printed in one line."""
+        like evaluate(); logged at step with the x-axes, as val bpb is."""
         settings = self.settings.eval
-        start = time.perf_counter()
-        metrics = evaluate_core(
-            self.model,
-            self.tokenizer,
-            self.core_bundle,
-            self.device,
-            self.dtype,
-            max_per_task=settings.core_max_per_task,
-            max_len=longest_prompt(self.model),
-        )
-        self.tracker.log(metrics, step=step)
-        tasks = sum(key.startswith("core_accuracy/") for key in metrics)
         cap = settings.core_max_per_task
-        print(
-            f"step {step:5d} | CORE {metrics['core/metric']:.4f} ({tasks} tasks, "
-            f"{'all' if cap is None else f'at most {cap}'} examples each, {time.perf_counter() - start:.1f}s)",
-            flush=True,
-        )
+        tasks = len(self.core_bundle.tasks)
+        with phase(
+            f"step {step} CORE", f"{tasks} tasks, {'all' if cap is None else f'at most {cap}'} examples each"
+        ) as done:
+            metrics = evaluate_core(
+                self.model,
+                self.tokenizer,
+                self.core_bundle,
+                self.device,
+                self.dtype,
+                max_per_task=cap,
+                max_len=longest_prompt(self.model),
+            )
+            done(f"step {step:5d} | CORE {metrics['core/metric']:.4f}")
+        self.tracker.log({**metrics, **self._axes(step)}, step=step)
         return metrics
 
     def sample(self, step: int) -> None:
         """Rank 0 only: the weights are the same everywhere."""
-        if not is_main():
-            return
         c = self.settings.sample
-        samples = sample_completions(
-            self.model,
-            self.tokenizer,
-            c.prompts,
-            c.tokens,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            seed=self.config.seed,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        for prompt, completion in samples:
-            print(f"  sample | {prompt!r} -> {completion!r}")
+        if not is_main() or not c.prompts:
+            return
+        with phase(f"step {step} samples", f"{len(c.prompts)} prompts x {c.tokens} tokens"):
+            samples = sample_completions(
+                self.model,
+                self.tokenizer,
+                c.prompts,
+                c.tokens,
+                temperature=c.temperature,
+                top_k=c.top_k,
+                seed=self.config.seed,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            for prompt, completion in samples:
+                log.info(f"  sample | {prompt!r} -> {completion!r}")
         self.tracker.log_samples(step, samples)
 
     def save(self, step: int) -> Path:
@@ -262,7 +312,12 @@ class Trainer:
         reason, or with checkpoint.write_errors=warn is skipped with a warning; either way the
         checkpoints before it stay as they were (see save_checkpoint)."""
         try:
-            print(f"saved checkpoint {self.save(step)}")
+            with phase(
+                f"checkpoint step_{step:06d}", f"{self.model.num_params():,} parameters and the optimizer state"
+            ) as done:
+                path = self.save(step)
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+                done(f"saved checkpoint {path} ({size / 2**20:.1f} MiB)")
         except UserError as error:
             if self.settings.checkpoint.write_errors == "stop":
                 raise
@@ -359,6 +414,9 @@ class Trainer:
             gc.freeze()
             self.warm = True
         tok_per_sec = c.total_batch_size / dt
+        # Tokens and FLOPs trained on before this update (nanochat's flops_so_far): what the model whose
+        # loss this is had seen, and the same figures as the evaluation logged at this step.
+        tokens = c.total_batch_size * step
         metrics = {
             "train/loss": train_loss,
             "train/loss_ema": self.loss_ema.update(train_loss)
@@ -370,10 +428,24 @@ class Trainer:
             "train/tok_per_sec": tok_per_sec,
             "train/dt": dt,
             "total_training_time": self.clock.total_time,
-            "total_training_flops": self.flops_per_token * c.total_batch_size * (step + 1),
+            "train/tokens": tokens,
+            "total_training_flops": self.flops_per_token * tokens,
         }
         if self.peak_flops is not None:
-            metrics["train/mfu"] = mfu_percent(self.flops_per_token, tok_per_sec, self.peak_flops, self.world_size)
+            mfu = mfu_percent(self.flops_per_token, tok_per_sec, self.peak_flops, self.world_size)
+            if mfu > 100 and self.remeasure_peak is not None:
+                # This step did more matmul work per second than the measured peak: that figure was
+                # taken while the CPU was busy with other work. Measure again now, while it is not.
+                previous = self.peak_flops
+                self.peak_flops = max(previous, self.remeasure_peak())
+                mfu = mfu_percent(self.flops_per_token, tok_per_sec, self.peak_flops, self.world_size)
+                log.info(
+                    f"step {step} ran above the peak of {previous / 1e9:.1f} GFLOP/s measured earlier (the CPU was "
+                    f"busy then); measured again: {self.peak_flops / 1e9:.1f} GFLOP/s, MFU {mfu:.1f}%"
+                )
+            metrics["train/mfu"] = mfu
+        if self.device.type == "cuda":  # the allocator's high-water mark on this rank, since the run started
+            metrics["train/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
     def _skip_nonfinite(self, step: int, loss: float, norm: float) -> None:
@@ -402,11 +474,13 @@ class Trainer:
     def progress_line(self, step: int, metrics: dict) -> str:
         eta = self.clock.eta_seconds(self.num_iterations - step - 1, metrics["train/dt"])
         mfu = f" | mfu {metrics['train/mfu']:.1f}%" if "train/mfu" in metrics else ""
+        memory = f" | mem {metrics['train/max_memory_gib']:.1f}GiB" if "train/max_memory_gib" in metrics else ""
+        # step: the 0-based update index, as in metrics.jsonl and W&B; the percentage is of updates done.
         return (
-            f"step {step + 1:5d}/{self.num_iterations} ({100 * (step + 1) / self.num_iterations:5.1f}%) "
+            f"step {step:5d}/{self.num_iterations} ({100 * (step + 1) / self.num_iterations:5.1f}%) "
             f"| loss {metrics['train/loss']:.4f} ema {metrics['train/loss_ema']:.4f} "
             f"| gnorm {metrics['train/grad_norm']:.3f} | lrm {metrics['train/lrm']:.2f} "
-            f"| {metrics['train/tok_per_sec']:,.0f} tok/s{mfu} | dt {metrics['train/dt'] * 1000:.0f}ms "
+            f"| {metrics['train/tok_per_sec']:,.0f} tok/s{mfu}{memory} | dt {metrics['train/dt'] * 1000:.0f}ms "
             f"| eta {format_duration(eta)}"
         )
 
@@ -414,11 +488,49 @@ class Trainer:
         if self.stop_signal is not None:  # asked twice: stop now, without the checkpoint
             raise KeyboardInterrupt
         self.stop_signal = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-            "(send it again to stop at once).",
-            flush=True,
+        log.info(
+            f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once)."
         )
+
+    def _start_profiler(self):
+        """torch.profiler over profile.steps training steps after profile.skip (rank 0 only); the
+        trace and the operator table land in <run dir>/profile/ as soon as the last one ends."""
+        p = self.settings.profile
+        if p.steps == 0 or not is_main():
+            return None
+        first = self.start_step + p.skip
+        if first + p.steps > self.num_iterations:
+            warnings.warn(
+                f"profile.skip={p.skip} + profile.steps={p.steps} from step {self.start_step} run past the last step "
+                f"({self.num_iterations - 1}); nothing is profiled."
+            )
+            return None
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        folder = self.run_dir / "profile"
+
+        def write(profiler) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(folder / "trace.json"))
+            sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+            (folder / "key_averages.txt").write_text(table + "\n", encoding="utf-8")
+            steps = {"first_step": first, "steps": p.steps, "sorted_by": sort}
+            (folder / "steps.json").write_text(json.dumps(steps) + "\n", encoding="utf-8")
+            log.info(
+                f"profile of steps {first}-{first + p.steps - 1}: {folder / 'trace.json'} and {folder / 'key_averages.txt'}"
+            )
+
+        log.info(f"profiling steps {first}-{first + p.steps - 1} with torch.profiler ({p.skip} unprofiled steps first)")
+        # wait + warmup: the first steps run unprofiled, the last of them with the profiler warming up.
+        schedule = torch.profiler.schedule(wait=max(p.skip - 1, 0), warmup=min(p.skip, 1), active=p.steps, repeat=1)
+        profiler = torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=write, record_shapes=True
+        )
+        profiler.__enter__()
+        return profiler
 
     def fit(self) -> dict:
         """Train up to num_iterations updates; returns the final metrics (val/bpb among them).
@@ -434,34 +546,37 @@ class Trainer:
             remove_stale_temporaries(self.run_dir / "checkpoints")
         previous_handlers = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
+        profiler = self._start_profiler()
         try:
             for step in range(self.start_step, self.num_iterations + 1):
                 last_step = step == self.num_iterations
                 if last_step or step == 0 or is_due(step, every["eval"]):
-                    val_bpb = self.evaluate()
-                    self.min_val_bpb = min(self.min_val_bpb, val_bpb)
-                    self.tracker.log({"val/bpb": val_bpb, "val/min_bpb": self.min_val_bpb}, step=step)
-                    print(f"step {step:5d} | val bpb {val_bpb:.4f} (min {self.min_val_bpb:.4f})")
-                    final["val/bpb"] = val_bpb
+                    final["val/bpb"] = self._evaluate_and_log(step)
                 if core_every > 0 and (last_step or is_due(step, core_every)):
                     final.update(self.evaluate_core(step))
                 if last_step or is_due(step, every["sample"]):
                     self.sample(step)
                 if last_step:
                     break
+                if step == self.start_step and not self.warm and isinstance(self.forward, CompiledOrEager):
+                    log.info(f"step {step}: torch.compile compiles the model in this step (once; it takes a while)")
                 metrics = self.train_step(step)
+                if profiler is not None:
+                    profiler.step()
                 final.update(metrics)
                 if step % c.log_every == 0 or step == self.num_iterations - 1:
                     self.tracker.log(metrics, step=step)
-                    print(self.progress_line(step, metrics), flush=True)
+                    log.info(self.progress_line(step, metrics))
                 done = step + 1
                 if done == self.num_iterations or is_due(done, save_every) or self.stopping:
                     self._save_or_warn(done)
                 if self.stopping:
                     final["stopped_by"] = signal.Signals(self.stop_signal or signal.SIGTERM).name
-                    print(f"stopped after {done} of {self.num_iterations} steps; resume with:\n  {self.resume_hint}")
+                    log.info(f"stopped after {done} of {self.num_iterations} steps; resume with:\n  {self.resume_hint}")
                     break
         finally:
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             self.close()

@@ -17,13 +17,16 @@ from configs import compose
 
 from nanochat.assemble import Run, assemble
 from nanochat.checkpoint import TOKENIZER_FILE, save_checkpoint
+from nanochat.config import compose_cli, job_name
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESSES_ALLOWED = {"now": False}  # set by conftest.py for tests marked slow
 
 
 def assemble_run(*overrides: str, run_dir: Path) -> Run:
-    return assemble(compose(*overrides), run_dir, list(overrides))
+    """As train.py assembles a single run: the job's overrides and W&B name from the command line."""
+    name = job_name(compose_cli(list(overrides)).hydra)
+    return assemble(compose(*overrides), run_dir, list(overrides), name=name)
 
 
 def train(*overrides: str, run_dir: Path) -> dict:

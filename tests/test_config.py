@@ -18,7 +18,7 @@ from nanochat.tokenizer import TokenizerSpec
 from nanochat.tracking import Tracker
 
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"
-GROUPS = ("model", "optimizer", "schedule", "data", "logger", "experiment")
+GROUPS = ("model", "optimizer", "schedule", "data", "logger", "experiment", "debug")
 
 
 def choices(group: str) -> list[str]:
@@ -38,6 +38,7 @@ def test_default_config_has_the_documented_groups_and_nodes():
         "sample",
         "checkpoint",
         "system",
+        "profile",
     }
 
 
@@ -118,7 +119,12 @@ MISTAKES = [
         ["optimizer=adamw_muon", "optimizer.ns_dtype=fp16"],
         "optimizer.ns_dtype=fp16 must be one of auto, bfloat16, float32.",
     ),
-    (["model=_gpt"], "model.n_layer needs a value (it is ??? in the YAML): set model.n_layer=<value>."),
+    (["model=_gpt"], "model=_gpt is not a choice of model; the choices are d12, d16, d20, d26, d32, d4, d6, d8."),
+    (
+        ["logger=[wandb,tensorbord]"],
+        "logger=tensorbord is not a choice of logger; the choices are csv, none, tensorboard, wandb.",
+    ),
+    (["debug=quick"], "debug=quick is not a choice of debug; the choices are fast, overfit, profile."),
     (["data=local"], "data.path needs a value (it is ??? in the YAML): set data.path=<value>."),
     (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate is not a key of optimizer; did you mean optimizer.lr?"),
     (
@@ -201,7 +207,7 @@ SWEEP_MISTAKES = [
         "optimizer.learning_rate is not a key of optimizer",
     ),
     (["-m", "system.dtype=float32,float16"], "system.dtype=float16 must be one of auto, float32, bfloat16."),
-    (["-m", "model=_gpt,d4"], "model.n_layer needs a value"),
+    (["-m", "model=_gpt,d4"], "model=_gpt is not a choice of model"),
     (
         ["-m", "-cd", str(SWEEPS_DIR), "-cn", "optuna_lr", "schedule.warmdown_ratio=interval(0.5, 1.5)"],
         "schedule.warmdown_ratio=1.5 must be between 0 and 1.",

@@ -115,7 +115,8 @@ def test_core_is_logged_at_its_cadence_and_at_the_end_and_equals_core_of_those_c
     assert final["core/metric"] == rows[6]["core/metric"]
     out = capsys.readouterr().out
     for step in (4, 6):
-        assert f"step {step:5d} | CORE {rows[step]['core/metric']:.4f} (6 tasks, at most 8 examples each" in out
+        assert f"step {step} CORE: 6 tasks, at most 8 examples each ..." in out
+        assert f"step {step:5d} | CORE {rows[step]['core/metric']:.4f} | " in out
 
 
 def test_core_is_off_by_default(shakespeare_data_dir, tmp_path):
@@ -189,7 +190,9 @@ def test_a_new_run_from_a_checkpoint_trains_at_its_own_learning_rates(shakespear
     assert torch.equal(*heads)  # AdamW's groups unchanged: identical updates
 
 
-def test_a_continued_auto_dtype_run_keeps_the_dtype_measured_when_it_started(shakespeare_data_dir, tmp_path, monkeypatch):
+def test_a_continued_auto_dtype_run_keeps_the_dtype_measured_when_it_started(
+    shakespeare_data_dir, tmp_path, monkeypatch
+):
     """system.dtype=auto decides by measuring, and a measurement can come out otherwise the next
     time: the continued run takes the dtype its checkpoint was trained with, not a new measurement."""
     measured = iter([torch.bfloat16, torch.float32])  # what two start-up measurements would say
@@ -336,6 +339,8 @@ def test_lr_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shakespeare_data_d
         assert {"train/loss", "train/loss_ema", "train/grad_norm", "train/mfu", "val/bpb"} <= logged
         assert run.job_type == "train"
     assert runs[0].run_id != runs[1].run_id
+    for job, (run, lr) in enumerate(zip(runs, ["0.0001", "0.0003"])):  # named by choices, overrides, sweep and job
+        assert run.display_name.startswith(f"d4-adamw-lr={lr}-") and run.display_name.endswith(f" (sweep #{job})")
     assert runs[0].run_group == runs[1].run_group == sweep_dir.name  # one W&B group per sweep
     assert [[t for t in run.tags if t.startswith("optimizer.lr=")] for run in runs] == [
         ["optimizer.lr=0.0001"],

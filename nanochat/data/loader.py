@@ -253,7 +253,11 @@ class LaneLoader:
 
     def state_dict(self) -> dict:
         """This rank's lanes' positions, keyed by lane; merge the dicts of all ranks to re-split them."""
-        return {"num_lanes": self.num_lanes, "next": self._next, "lanes": {lane: s.state_dict() for lane, s in self.streams.items()}}
+        return {
+            "num_lanes": self.num_lanes,
+            "next": self._next,
+            "lanes": {lane: s.state_dict() for lane, s in self.streams.items()},
+        }
 
     def continues(self, state: dict) -> bool:
         """Whether a saved position (holding at least this rank's lanes) is one of this loader's streams."""
@@ -294,7 +298,9 @@ class ValidationRows:
     """
 
     def __init__(self, files: list[Path], tokenizer, num_rows: int, sequence_len: int, tokenizer_threads: int = 4):
-        stream = TokenLoader(files, tokenizer, 1, sequence_len, loop=False, shuffle=False, tokenizer_threads=tokenizer_threads)
+        stream = TokenLoader(
+            files, tokenizer, 1, sequence_len, loop=False, shuffle=False, tokenizer_threads=tokenizer_threads
+        )
         rows = list(itertools.islice(stream, num_rows))
         if not rows:
             raise UserError(f"The validation split holds fewer than {sequence_len + 1} tokens: nothing to evaluate.")
@@ -316,6 +322,40 @@ class ValidationRows:
                 inputs = torch.cat([inputs, torch.zeros(padding, inputs.size(1), dtype=inputs.dtype)])
                 targets = torch.cat([targets, torch.full((padding, targets.size(1)), -1, dtype=targets.dtype)])
             yield inputs, targets
+
+
+class RepeatFirst:
+    """The first `count` batches of a loader, over and over (trainer.overfit: one optimizer step's
+    micro-batches repeated, so the train loss must fall towards zero). The position it reports is
+    the loader's before the first of them, so a checkpoint of an overfitting run resumes on the same batches."""
+
+    def __init__(self, loader, count: int):
+        self.loader = loader
+        self.count = count
+        self._start = loader.state_dict()
+        self._batches: list = []
+        self._next = 0
+
+    def __iter__(self) -> "RepeatFirst":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._batches) < self.count:
+            self._batches.append(next(self.loader))
+            return self._batches[-1]
+        batch = self._batches[self._next % self.count]
+        self._next += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._start
+
+    def continues(self, state: dict) -> bool:
+        return self.loader.continues(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._start = self.loader.state_dict()
 
 
 class Prefetcher:

@@ -38,6 +38,7 @@ from nanochat.data.corpus import (
     write_shards,
 )
 from nanochat.errors import UserError
+from nanochat.logs import log
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 MANIFEST = "manifest.json"
@@ -98,7 +99,7 @@ class LocalCorpus(ParquetCorpus):
         if manifest is not None and (self.data_dir / "tokenizer").is_dir():
             # Not deleted here: the tokenizer belongs to the user's runs, and a few added files
             # hardly change it; a different corpus in the same data_dir does.
-            print(
+            log.info(
                 f"local: files or settings changed since the last conversion into {self.data_dir}; the tokenizers "
                 f"in {self.data_dir / 'tokenizer'} were trained on the old contents (delete them to retrain)"
             )
@@ -179,7 +180,7 @@ class LocalCorpus(ParquetCorpus):
         with atomic_path(self.manifest_path) as tmp_manifest:
             tmp_manifest.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         skipped_note = f" (skipped {skipped} with other extensions)" if skipped else ""
-        print(
+        log.info(
             f"local: converted {progress.total_files} files{skipped_note}: {spools['train'].count} train docs / "
             f"{spools['val'].count} val docs, {spools['train'].nbytes / 1e6:.2f} MB / "
             f"{spools['val'].nbytes / 1e6:.2f} MB -> {self.data_dir}"
@@ -362,8 +363,7 @@ class _Progress:
         self.done_bytes += path.stat().st_size
         if time.monotonic() - self._last > _PROGRESS_EVERY_S:
             self._last = time.monotonic()
-            print(
+            log.info(
                 f"local: converted {self.done_files}/{self.total_files} files, "
-                f"{self.done_bytes / 1e6:.0f}/{self.total_bytes / 1e6:.0f} MB",
-                flush=True,
+                f"{self.done_bytes / 1e6:.0f}/{self.total_bytes / 1e6:.0f} MB"
             )

