@@ -36,7 +36,8 @@ class _Console(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
+        # Not setStream(): it flushes the stream before, which may be closed by now (a capture that ended).
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
         super().emit(record)
 
 

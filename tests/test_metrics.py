@@ -83,6 +83,7 @@ def test_run_length_prefers_explicit_steps_then_flops_then_ratio():
         seed=0,
         log_every=1,
         skip_nonfinite=0,
+        overfit=False,
     )
     assert resolve_num_iterations(config, flops_per_token=1e6, num_params=10_000) == 7
     config.num_iterations = -1
