@@ -111,15 +111,19 @@ def english_like_documents(num_chars: int, seed: int, num_types: int = 200_000) 
         yield document
 
 
+# Row groups of 32 documents: ~450 in 64 MB, more than the 256 lanes of a d20 step, each of which
+# reads its own row groups (FineWeb-Edu's shards hold thousands).
+DOCS_PER_ROW_GROUP = 32
+
+
 def prepare(cache_dir: Path, megabytes: int, tokenizer_megabytes: int) -> tuple[list[Path], Tokenizer]:
-    data_dir = cache_dir / f"english_like_{megabytes}mb_rg64"
+    data_dir = cache_dir / f"english_like_{megabytes}mb_rg{DOCS_PER_ROW_GROUP}"
     if not data_dir.exists():
         print(f"generating {megabytes} MB of FineWeb-like text into {data_dir} ...", flush=True)
         # Written aside and renamed when complete, so an interrupted run is not taken for the data.
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-        # Row groups of 64 documents: enough of them (~250 in 64 MB) for 256 lanes to read their own.
-        write_shards(english_like_documents(megabytes * 10**6, seed=0), tmp / "train", 64, 8192)
+        write_shards(english_like_documents(megabytes * 10**6, seed=0), tmp / "train", DOCS_PER_ROW_GROUP, 8192)
         os.replace(tmp, data_dir)
     files = sorted((data_dir / "train").glob("shard_*.parquet"))
 
