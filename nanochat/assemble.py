@@ -46,6 +46,7 @@ from nanochat.distributed import (
 from nanochat.errors import UserError, named_as
 from nanochat.interface import LanguageModel
 from nanochat.logs import RunLog, log
+from nanochat.muon import resolve_ns_dtype
 from nanochat.resume import ResumePlan, plan_resume, record_invocation
 from nanochat.run_dir import RunDirLock, check_creatable, check_not_in_use
 from nanochat.schema import Settings, check_config
@@ -213,6 +214,22 @@ def _autocast_dtype(components: Components, device: torch.device, checkpoint: Ch
     return getattr(torch, broadcast_object(name))
 
 
+def _newton_schulz_dtypes(optimizers, device: torch.device, checkpoint: Checkpoint | None) -> list[str]:
+    """Every ns_dtype=auto of a Muon group decided once per run, as system.dtype is: rank 0's
+    measurement for every rank (replicated ranks must take the same steps), and a run continued on
+    the same kind of device keeps what it started with. Returns the groups' dtypes, for the checkpoint."""
+    auto = [g for opt in optimizers for g in opt.param_groups if g.get("ns_dtype") == "auto"]
+    saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
+    if saved is not None and saved["device"] == device.type and len(saved.get("ns_dtypes", [])) == len(auto):
+        chosen = saved["ns_dtypes"]
+    else:
+        mine = [resolve_ns_dtype("auto", g["params"], g["ns_steps"]) for g in auto] if is_main() else None
+        chosen = broadcast_object(mine)
+    for group, dtype in zip(auto, chosen, strict=True):
+        group["ns_dtype"] = dtype
+    return chosen
+
+
 def _prepare_data(components: Components):
     """The corpus on disk and its tokenizer: downloaded, converted or trained on first use."""
     corpus = components.data
@@ -329,6 +346,7 @@ def _assemble(
         # trainer knows the run's derived figures).
         tracker = components.logger if is_main() else SilentTracker()
     broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
+    ns_dtypes = _newton_schulz_dtypes(optimizers, device, checkpoint)
 
     def measure_peak() -> tuple[float | None, str]:
         shapes, rows = matmul_weight_shapes(model), settings.trainer.device_batch_size * model.sequence_len
@@ -354,7 +372,7 @@ def _assemble(
             checkpoint_meta={
                 "config": config,
                 "tokenizer": tokenizer_identity,
-                "autocast": {"device": device.type, "dtype": str(dtype).removeprefix("torch.")},
+                "autocast": {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "ns_dtypes": ns_dtypes},
             },
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,

@@ -12,6 +12,9 @@ from nanochat.data_parallel import ReplicatedOptimizers, ShardedOptimizers, assi
 from nanochat.model import GPT, GPTConfig
 
 RECIPES = ["adamw", "adamw_muon"]
+# Each spawned rank builds its own Muon here, so ns_dtype=auto would be measured (and could be
+# decided) per rank; train.py decides it once for all ranks (nanochat/assemble.py). Fixed here.
+PINNED = {"adamw": {}, "adamw_muon": {"ns_dtype": "float32"}}
 WORLD = 2
 STEPS = 3
 
@@ -29,8 +32,8 @@ def step_both_ways(rank: int, init_file: str, optimizer: str, results: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     replicated_model = tiny_model()
     sharded_model = copy.deepcopy(replicated_model)
-    replicated = ReplicatedOptimizers(build_optimizers(replicated_model, optimizer), WORLD)
-    sharded = ShardedOptimizers(build_optimizers(sharded_model, optimizer), rank, WORLD)
+    replicated = ReplicatedOptimizers(build_optimizers(replicated_model, optimizer, **PINNED[optimizer]), WORLD)
+    sharded = ShardedOptimizers(build_optimizers(sharded_model, optimizer, **PINNED[optimizer]), rank, WORLD)
     norms = []
     for step in range(STEPS):
         generator = torch.Generator().manual_seed(1000 * step + rank)

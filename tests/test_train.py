@@ -206,6 +206,23 @@ def test_a_continued_auto_dtype_run_keeps_the_dtype_measured_when_it_started(
     assert fresh.trainer.dtype == torch.float32
 
 
+def test_muons_auto_newton_schulz_dtype_is_decided_once_per_run_and_kept_when_continued(
+    shakespeare_data_dir, tmp_path, monkeypatch
+):
+    """optimizer.ns_dtype=auto is measured by train.py once (rank 0's choice for every rank) and
+    written to the checkpoint; a continued run keeps it although a new measurement would differ."""
+    measured = iter(["float32", "bfloat16"])  # what two start-up measurements would say
+    monkeypatch.setattr("nanochat.assemble.resolve_ns_dtype", lambda *args: next(measured))
+    run_dir = tmp_path / "run"
+    auto = tiny_run_overrides(shakespeare_data_dir, "optimizer=adamw_muon", "optimizer.ns_dtype=auto")
+    assemble_run(*auto, "trainer.num_iterations=2", run_dir=run_dir).fit()
+    continued = assemble_run(*auto, "trainer.num_iterations=3", run_dir=run_dir)
+    (muon_group,) = continued.trainer.optimizers[1].param_groups
+    assert continued.trainer.start_step == 2 and muon_group["ns_dtype"] == "float32"
+    fresh = assemble_run(*auto, "trainer.num_iterations=3", run_dir=tmp_path / "fresh")
+    assert fresh.trainer.optimizers[1].param_groups[0]["ns_dtype"] == "bfloat16"
+
+
 def test_continuing_a_run_refuses_a_changed_setting_and_accepts_it_when_asked(shakespeare_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     base = tiny_run_overrides(shakespeare_data_dir, "trainer.num_iterations=4")
