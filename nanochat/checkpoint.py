@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nanochat.atomic import replace_folder
 from nanochat.distributed import all_gather_object, broadcast_object, is_main, lost_peer, rank, together, world_size
 from nanochat.errors import UserError
 
@@ -137,13 +138,7 @@ def _commit(staging: Path, final: Path, rank_files: list[str]) -> None:
     (staging / COMMIT_MARKER).write_text("")
     _fsync(staging / COMMIT_MARKER)
     _fsync(staging)
-    if final.exists():  # this step was saved before (a resumed run passing it again): replace it
-        displaced = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.rename(final, displaced)
-        os.rename(staging, final)
-        shutil.rmtree(displaced)
-    else:
-        os.rename(staging, final)
+    replace_folder(staging, final)  # a step saved before is replaced: a resumed run passing it again
     _fsync(final.parent)
 
 

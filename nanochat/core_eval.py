@@ -59,6 +59,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 import yaml
 
+from nanochat.atomic import replace_folder
 from nanochat.data.download import fetch_url
 from nanochat.device import autocast
 from nanochat.distributed import all_reduce_sum_, is_main, rank, world_size
@@ -400,11 +401,7 @@ def _unpack(archive: Path, target: Path, origin: dict) -> EvalBundle:
             )
         EvalBundle.load(roots[0])
         (roots[0] / SOURCE_FILE).write_text(json.dumps(origin), encoding="utf-8")
-        if target.exists():  # a bundle from another source or zip: replaced
-            stale = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-            os.rename(target, stale)
-            shutil.rmtree(stale)
-        os.rename(roots[0], target)
+        replace_folder(roots[0], target)  # a bundle from another source or zip is replaced
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return EvalBundle.load(target)

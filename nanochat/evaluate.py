@@ -31,9 +31,9 @@ from typing import Literal
 import torch
 from omegaconf import OmegaConf
 
+from nanochat.atomic import atomic_path
 from nanochat.config import build, run_tool
 from nanochat.core_eval import evaluate_core, fetch_bundle, longest_prompt, task_examples
-from nanochat.data.corpus import atomic_path
 from nanochat.data.loader import ValidationRows
 from nanochat.device import check_available, resolve_device, resolve_dtype
 from nanochat.errors import InvalidArgument, UserError, show

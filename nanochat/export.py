@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nanochat.atomic import replace_folder
 from nanochat.config import run_tool
 from nanochat.errors import UserError
 from nanochat.finished import load_finished
@@ -241,13 +242,7 @@ def write_folder(out: Path, files: dict[str, object]) -> None:
                 path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        if out.exists():
-            displaced = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, displaced)
-            os.rename(staging, out)
-            shutil.rmtree(displaced)
-        else:
-            os.rename(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

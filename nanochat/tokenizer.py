@@ -32,7 +32,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.data.corpus import atomic_path
+from nanochat.atomic import atomic_path
 from nanochat.errors import InvalidArgument, UserError
 from nanochat.logs import log
 

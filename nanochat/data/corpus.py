@@ -12,17 +12,16 @@ a killed writer never leaves a truncated shard that a later run would take as va
 from __future__ import annotations
 
 import abc
-import contextlib
 import itertools
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.atomic import atomic_path
 from nanochat.errors import UserError
 
 SPLITS = ("train", "val")
@@ -32,27 +31,6 @@ _SCHEMA = pa.schema([("text", pa.string())])
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields an empty temporary file next to `path`; on success fsyncs it and renames it to `path`.
-
-    The temporary name starts with "." and ends in ".tmp", so it never matches SHARD_GLOB; it is
-    created with open(), not mkstemp, so the final file gets the usual umask permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.open("xb").close()
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -28,11 +28,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.atomic import atomic_path
 from nanochat.data.corpus import (
     SHARD_GLOB,
     SPLITS,
     ParquetCorpus,
-    atomic_path,
     read_manifest,
     text_parquet_problem,
     write_shards,

@@ -31,7 +31,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, atomic_path, read_manifest, write_shards
+from nanochat.atomic import atomic_path
+from nanochat.data.corpus import SHARD_GLOB, SPLITS, ParquetCorpus, read_manifest, write_shards
 from nanochat.errors import UserError
 from nanochat.logs import log
 
