@@ -266,9 +266,19 @@ class Tracker:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
-        self._to_wandb(lambda run: run.finish())
+        self._to_wandb(_close_wandb)
         self._announce_wandb("finished W&B")
         self.wandb_run = None
+
+
+def _close_wandb(run) -> None:
+    import wandb
+
+    run.finish()
+    # finish() asks W&B's service process to close the run's files but does not wait for it; under
+    # load they were still unwritten when it returned. teardown() waits until that process has
+    # exited, so the offline run announced next is complete for a `wandb sync` started at once.
+    wandb.teardown()
 
 
 def _json_safe(value):

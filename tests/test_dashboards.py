@@ -46,6 +46,8 @@ def test_the_offline_wandb_run_has_the_job_name_the_derived_config_and_the_x_axe
     run, run_dir = all_loggers_run
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     records = read_records(path)
+    # Complete once the run has returned, its exit record last (W&B's service writes it late).
+    assert records[-1].WhichOneof("record_type") == "exit"
     wandb_run, history = offline_run(run_dir)
     # The name: the model and optimizer choices, then every override as leaf=value (full key where
     # two overrides share a leaf: eval.tokens and sample.tokens); paths by their last part.
