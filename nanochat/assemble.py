@@ -195,13 +195,20 @@ def matmul_weight_shapes(model: LanguageModel) -> list[tuple[int, int]]:
     return [tuple(p.shape) for p in groups["matrices"] + groups["unembedding"] if p.ndim == 2]
 
 
+def _precision_at_start(checkpoint: Checkpoint | None, device: torch.device) -> dict | None:
+    """The precision a continued run measured when it started (dtype, ns_dtypes), if it continues on
+    the same kind of device; None for a new run or another device, which measure afresh."""
+    saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
+    return saved if saved is not None and saved["device"] == device.type else None
+
+
 def _autocast_dtype(components: Components, device: torch.device, checkpoint: Checkpoint | None) -> torch.dtype:
     """system.dtype, with `auto` decided once per run: a CPU's measurement (resolve_dtype) is rank
     0's for every rank, and a run resumed on the same kind of device keeps the dtype it was
     measured with, so that its steps are the ones it would have taken without stopping."""
     settings = components.settings
-    saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
-    if settings.system.dtype == "auto" and saved is not None and saved["device"] == device.type:
+    saved = _precision_at_start(checkpoint, device)
+    if settings.system.dtype == "auto" and saved is not None:
         log.info(f"system.dtype=auto: {saved['dtype']}, as measured when the run started")
         return getattr(torch, saved["dtype"])
     name = None
@@ -219,8 +226,8 @@ def _newton_schulz_dtypes(optimizers, device: torch.device, checkpoint: Checkpoi
     measurement for every rank (replicated ranks must take the same steps), and a run continued on
     the same kind of device keeps what it started with. Returns the groups' dtypes, for the checkpoint."""
     auto = [g for opt in optimizers for g in opt.param_groups if g.get("ns_dtype") == "auto"]
-    saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
-    if saved is not None and saved["device"] == device.type and len(saved.get("ns_dtypes", [])) == len(auto):
+    saved = _precision_at_start(checkpoint, device)
+    if saved is not None and len(saved.get("ns_dtypes", [])) == len(auto):
         chosen = saved["ns_dtypes"]
     else:
         mine = [resolve_ns_dtype("auto", g["params"], g["ns_steps"]) for g in auto] if is_main() else None
