@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from nanochat.distributed import (
 from nanochat.errors import UserError, named_as
 from nanochat.interface import LanguageModel
 from nanochat.logs import RunLog, log
-from nanochat.muon import resolve_ns_dtype
+from nanochat.muon import resolve_ns_bf16_matmul, resolve_ns_dtype
 from nanochat.resume import ResumePlan, plan_resume, record_invocation
 from nanochat.run_dir import RunDirLock, check_creatable, check_not_in_use
 from nanochat.schema import Settings, check_config
@@ -196,8 +197,8 @@ def matmul_weight_shapes(model: LanguageModel) -> list[tuple[int, int]]:
 
 
 def _precision_at_start(checkpoint: Checkpoint | None, device: torch.device) -> dict | None:
-    """The precision a continued run measured when it started (dtype, ns_dtypes), if it continues on
-    the same kind of device; None for a new run or another device, which measure afresh."""
+    """The precision a continued run measured when it started (dtype, ns_dtypes, ns_bf16_matmuls), if
+    it continues on the same kind of device; None for a new run or another device, which measure afresh."""
     saved = checkpoint.meta.get("autocast") if checkpoint is not None else None
     return saved if saved is not None and saved["device"] == device.type else None
 
@@ -221,19 +222,39 @@ def _autocast_dtype(components: Components, device: torch.device, checkpoint: Ch
     return getattr(torch, broadcast_object(name))
 
 
-def _newton_schulz_dtypes(optimizers, device: torch.device, checkpoint: Checkpoint | None) -> list[str]:
-    """Every ns_dtype=auto of a Muon group decided once per run, as system.dtype is: rank 0's
-    measurement for every rank (replicated ranks must take the same steps), and a run continued on
-    the same kind of device keeps what it started with. Returns the groups' dtypes, for the checkpoint."""
-    auto = [g for opt in optimizers for g in opt.param_groups if g.get("ns_dtype") == "auto"]
-    saved = _precision_at_start(checkpoint, device)
-    if saved is not None and len(saved.get("ns_dtypes", [])) == len(auto):
-        chosen = saved["ns_dtypes"]
+def _newton_schulz_precision(optimizers, device: torch.device, checkpoint: Checkpoint | None) -> dict:
+    """Every ns_dtype=auto of a Muon group, then every ns_bf16_matmul=auto of a group that runs bf16,
+    decided once per run, as system.dtype is: rank 0's measurement for every rank (replicated ranks
+    must take the same steps), and a run continued on the same kind of device keeps what it started
+    with. Returns the choices, for the checkpoint."""
+    saved = _precision_at_start(checkpoint, device) or {}
+    groups = [g for opt in optimizers for g in opt.param_groups if "ns_dtype" in g]
+    ns_dtypes = _decide_once(
+        [g for g in groups if g["ns_dtype"] == "auto"],
+        "ns_dtype",
+        lambda g: resolve_ns_dtype("auto", g["params"], g["ns_steps"]),
+        saved.get("ns_dtypes"),
+    )
+    bf16_groups = [g for g in groups if g["ns_dtype"] == "bfloat16" and g["ns_bf16_matmul"] == "auto"]
+    ns_bf16_matmuls = _decide_once(
+        bf16_groups,
+        "ns_bf16_matmul",
+        lambda g: resolve_ns_bf16_matmul("auto", g["params"], g["ns_steps"]),
+        # a run started before the option existed multiplied natively
+        saved.get("ns_bf16_matmuls", ["native"] * len(bf16_groups)) if saved else None,
+    )
+    return {"ns_dtypes": ns_dtypes, "ns_bf16_matmuls": ns_bf16_matmuls}
+
+
+def _decide_once(groups: list[dict], key: str, measure: Callable[[dict], str], saved: list[str] | None) -> list[str]:
+    """Sets group[key] of every group to what the continued run chose (saved), or else to rank 0's
+    measure(group), on every rank."""
+    if saved is not None and len(saved) == len(groups):
+        chosen = saved
     else:
-        mine = [resolve_ns_dtype("auto", g["params"], g["ns_steps"]) for g in auto] if is_main() else None
-        chosen = broadcast_object(mine)
-    for group, dtype in zip(auto, chosen, strict=True):
-        group["ns_dtype"] = dtype
+        chosen = broadcast_object([measure(g) for g in groups] if is_main() else None)
+    for group, value in zip(groups, chosen, strict=True):
+        group[key] = value
     return chosen
 
 
@@ -353,7 +374,7 @@ def _assemble(
         # trainer knows the run's derived figures).
         tracker = components.logger if is_main() else SilentTracker()
     broadcast_(list(model.parameters()))  # one set of initial weights, whatever each rank's RNG did
-    ns_dtypes = _newton_schulz_dtypes(optimizers, device, checkpoint)
+    ns_precision = _newton_schulz_precision(optimizers, device, checkpoint)
 
     def measure_peak() -> tuple[float | None, str]:
         shapes, rows = matmul_weight_shapes(model), settings.trainer.device_batch_size * model.sequence_len
@@ -379,7 +400,7 @@ def _assemble(
             checkpoint_meta={
                 "config": config,
                 "tokenizer": tokenizer_identity,
-                "autocast": {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "ns_dtypes": ns_dtypes},
+                "autocast": {"device": device.type, "dtype": str(dtype).removeprefix("torch."), **ns_precision},
             },
             resume_hint=shlex.join([*launch_command(), "train.py", f"hydra.run.dir={run_dir}", *overrides]),
             world_size=ranks,

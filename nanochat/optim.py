@@ -69,6 +69,7 @@ def adamw_muon(
     momentum_warmup_steps: int,
     ns_steps: int,
     ns_dtype: Literal["auto", "bfloat16", "float32"],
+    ns_bf16_matmul: Literal["auto", "native", "emulated"],
 ) -> list[torch.optim.Optimizer]:
     _check_learning_rates(
         embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, matrix_lr=matrix_lr, other_lr=other_lr
@@ -93,7 +94,7 @@ def adamw_muon(
         momentum_end=momentum,
         momentum_warmup_steps=momentum_warmup_steps,
     )
-    muon = Muon([muon_group], ns_steps=ns_steps, ns_dtype=ns_dtype)
+    muon = Muon([muon_group], ns_steps=ns_steps, ns_dtype=ns_dtype, ns_bf16_matmul=ns_bf16_matmul)
     return _finalise(model, [adam, muon])
 
 

@@ -3,7 +3,7 @@ import torch
 from configs import build_optimizers
 
 from nanochat.model import GPT, GPTConfig
-from nanochat.muon import Muon, resolve_ns_dtype, zeropower_via_newtonschulz5
+from nanochat.muon import Muon, matmul, resolve_ns_bf16_matmul, resolve_ns_dtype, zeropower_via_newtonschulz5
 from nanochat.muon import stacks as muon_stacks
 from nanochat.optim import apply_schedule, check_groups_cover_model, muon_momentum
 
@@ -234,3 +234,67 @@ def test_auto_newton_schulz_dtype_is_measured_on_a_cpu_and_bf16_elsewhere(monkey
         on_a_gpu_like_device = [torch.nn.Parameter(torch.empty(8, 8))]
     assert resolve_ns_dtype("auto", on_a_gpu_like_device, 5) == "bfloat16"
     assert resolve_ns_dtype("float32", params, 5) == "float32"
+
+
+def test_an_emulated_bf16_matmul_is_a_bf16_gemm_within_fp32_summation_error():
+    """Both the native bf16 GEMM and the emulated one (fp32 GEMM of the bf16 operands) must equal the
+    exact product of the bf16 operands rounded to bf16, up to half a bf16 ulp of the result plus the
+    textbook bound on an fp32 sum of k products: k * 2^-24 * sum of |a| |b|."""
+    generator = torch.Generator().manual_seed(0)
+    k = 256
+    a = torch.randn(64, k, generator=generator).bfloat16()
+    b = torch.randn(k, 96, generator=generator).bfloat16()
+    exact = a.double() @ b.double()
+    bound = 2.0**-8 * exact.abs() + k * 2.0**-24 * (a.double().abs() @ b.double().abs())
+    for product in (matmul(a, b), matmul(a, b, torch.float32)):
+        assert product.dtype == torch.bfloat16
+        assert ((product.double() - exact).abs() <= bound).all()
+    assert not torch.equal(matmul(a, b, torch.float32).double(), exact)  # the bound is not met by being exact
+
+
+def test_emulated_bf16_newton_schulz_is_nearer_the_native_one_than_bf16_rounding_takes_either_from_exact():
+    generator = torch.Generator().manual_seed(0)
+    stack = torch.randn(4, 64, 192, generator=generator)
+    exact = zeropower_via_newtonschulz5(stack.double(), 5, torch.float64)
+    native = zeropower_via_newtonschulz5(stack, 5, torch.bfloat16).double()
+    emulated = zeropower_via_newtonschulz5(stack, 5, torch.bfloat16, gemm_dtype=torch.float32)
+    assert emulated.dtype == torch.bfloat16
+    distance = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+    emulated = emulated.double()
+    assert distance(emulated, native) < min(distance(native, exact), distance(emulated, exact))
+
+
+def test_auto_bf16_matmul_is_emulated_on_a_cpu_where_it_measures_faster_and_native_elsewhere(monkeypatch, capsys):
+    import nanochat.device as device_module
+    import nanochat.muon as muon_module
+
+    monkeypatch.setattr(muon_module, "_BF16_MATMUL_CHOICES", {})
+    timings = {torch.float32: 1.0, torch.bfloat16: 40.0}  # keyed by the GEMM's dtype: fp32 = emulated
+    monkeypatch.setattr(device_module, "time_task", lambda task, dtype, device: timings[dtype])
+    params = mixed_matrices()
+    assert resolve_ns_bf16_matmul("auto", params, 5) == "emulated"
+    assert "torch's bf16 GEMM took" in capsys.readouterr().out
+    monkeypatch.setattr(muon_module, "_BF16_MATMUL_CHOICES", {})
+    timings[torch.bfloat16] = 0.5
+    assert resolve_ns_bf16_matmul("auto", params, 5) == "native"
+    with torch.device("meta"):
+        on_a_gpu_like_device = [torch.nn.Parameter(torch.empty(8, 8))]
+    assert resolve_ns_bf16_matmul("auto", on_a_gpu_like_device, 5) == "native"
+    assert resolve_ns_bf16_matmul("emulated", on_a_gpu_like_device, 5) == "emulated"
+
+
+def test_muon_with_emulated_bf16_matmuls_steps_by_the_emulated_newton_schulz_update():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(128, 256, generator=generator))  # smaller ones sum in the same order
+    weight.grad = torch.randn(128, 256, generator=generator)
+    before = weight.detach().clone()
+    Muon([weight], lr=0.05, momentum=0.0, nesterov=False, ns_dtype="bfloat16", ns_bf16_matmul="emulated").step()
+    for gemm_dtype, expect_equal in ((torch.float32, True), (None, False)):  # emulated, and native to tell apart
+        update = zeropower_via_newtonschulz5(weight.grad, 5, torch.bfloat16, gemm_dtype).float()
+        expected = before - 0.05 * update
+        # add_(update, alpha) rounds once where `expected` rounds twice, each by at most 2^-24 of the
+        # operands' magnitudes; native GEMMs move the update itself by bf16 roundings
+        bound = 2.0**-22 * (before.abs() + 0.05 * update.abs())
+        assert bool(((weight.detach() - expected).abs() <= bound).all()) == expect_equal
+    with pytest.raises(ValueError, match="ns_bf16_matmul='fast' is not one of auto, native, emulated"):
+        Muon([weight], ns_bf16_matmul="fast")

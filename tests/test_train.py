@@ -16,7 +16,7 @@ from wandb_records import offline_run
 from core_bundle import LABELS, write_bundle
 
 from nanochat.assemble import check_jobs
-from nanochat.checkpoint import complete_checkpoints
+from nanochat.checkpoint import complete_checkpoints, load_checkpoint
 from nanochat.core_eval import EvalBundle, evaluate_core
 from nanochat.finished import load_finished
 from nanochat.errors import UserError
@@ -221,6 +221,25 @@ def test_muons_auto_newton_schulz_dtype_is_decided_once_per_run_and_kept_when_co
     assert continued.trainer.start_step == 2 and muon_group["ns_dtype"] == "float32"
     fresh = assemble_run(*auto, "trainer.num_iterations=3", run_dir=tmp_path / "fresh")
     assert fresh.trainer.optimizers[1].param_groups[0]["ns_dtype"] == "bfloat16"
+
+
+def test_muons_auto_bf16_matmul_is_decided_once_per_run_and_kept_when_continued(
+    shakespeare_data_dir, tmp_path, monkeypatch
+):
+    """optimizer.ns_bf16_matmul=auto (for a bf16 Newton-Schulz) is measured once, written to the
+    checkpoint's meta and kept by a continued run, as ns_dtype=auto is."""
+    measured = iter(["emulated", "native"])
+    monkeypatch.setattr("nanochat.assemble.resolve_ns_bf16_matmul", lambda *args: next(measured))
+    run_dir = tmp_path / "run"
+    bf16 = tiny_run_overrides(shakespeare_data_dir, "optimizer=adamw_muon", "optimizer.ns_dtype=bfloat16")
+    assemble_run(*bf16, "trainer.num_iterations=2", run_dir=run_dir).fit()
+    saved = load_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1]).meta["autocast"]
+    assert saved["ns_bf16_matmuls"] == ["emulated"]
+    continued = assemble_run(*bf16, "trainer.num_iterations=3", run_dir=run_dir)
+    assert continued.trainer.start_step == 2
+    assert continued.trainer.optimizers[1].param_groups[0]["ns_bf16_matmul"] == "emulated"
+    fresh = assemble_run(*bf16, "trainer.num_iterations=3", run_dir=tmp_path / "fresh")
+    assert fresh.trainer.optimizers[1].param_groups[0]["ns_bf16_matmul"] == "native"
 
 
 def test_continuing_a_run_refuses_a_changed_setting_and_accepts_it_when_asked(shakespeare_data_dir, tmp_path):

@@ -28,8 +28,10 @@ a CPU without autocast) is the same architecture on both sides:
 nanochat's base_train always calls torch.compile (its Newton-Schulz function too): its eager runs
 set TORCHDYNAMO_DISABLE=1, which turns every torch.compile into a no-op. nanochat runs Muon's
 Newton-Schulz in bf16 on every device; the project's `equal` variants do the same
-(optimizer.ns_dtype=bfloat16), the `best` ones take the project's measured choices (ns_dtype=auto,
-system.dtype=auto). Both sides read the same data: this script copies the project's Shakespeare
+(optimizer.ns_dtype=bfloat16), with the project's way of multiplying bf16 matrices
+(optimizer.ns_bf16_matmul=auto: on a CPU without native bf16, fp32 GEMMs of the bf16 operands,
+the same arithmetic); the `native` ones pin torch's bf16 GEMM as nanochat runs it; the `best` ones
+take the project's measured choices (ns_dtype=auto, system.dtype=auto). Both sides read the same data: this script copies the project's Shakespeare
 shards (train shards, then the validation shard last, as nanochat's dataset expects) into a
 nanochat base dir under --work-dir and trains nanochat's tokenizer on them with its
 scripts/tok_train.py (--vocab_size=4096).
@@ -58,6 +60,12 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ .*\| dt: ([\d.]+)ms", re.MULTILINE)
 TOKENS_PER_STEP = 8 * 256
 PROJECT = {
     "equal": ["optimizer=adamw_muon", "system.dtype=float32", "optimizer.ns_dtype=bfloat16"],
+    "native": [
+        "optimizer=adamw_muon",
+        "system.dtype=float32",
+        "optimizer.ns_dtype=bfloat16",
+        "optimizer.ns_bf16_matmul=native",
+    ],
     "best": ["optimizer=adamw_muon", "system.dtype=auto", "optimizer.ns_dtype=auto"],
 }
 VARIANTS = {
@@ -65,6 +73,8 @@ VARIANTS = {
     "nanochat compiled": ("nanochat", True, None),
     "project equal eager": ("project", False, "equal"),
     "project equal compiled": ("project", True, "equal"),
+    "project native eager": ("project", False, "native"),
+    "project native compiled": ("project", True, "native"),
     "project best eager": ("project", False, "best"),
     "project best compiled": ("project", True, "best"),
 }
