@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import runs
+import torch
 
 from nanochat.data.shakespeare import SDIST, ShakespeareCorpus
 from nanochat.tokenizer import Tokenizer, load_or_train
@@ -29,6 +30,14 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["NANOCHAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanochat-cache-")
+    # One torch thread in every train.py, torchrun rank and CLI the tests start (they inherit the
+    # variable); this process keeps its own count. Those runs are tiny: idle, a second thread saved
+    # nothing (a 24-step 2-layer run took 14 s on one thread or two on the 2-core machine this was
+    # measured on), while beside two CPU-bound processes each op's threads waited for one another
+    # and the same run took 43 s on two threads against 23 s on one.
+    threads = torch.get_num_threads()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(tryfirst=True)

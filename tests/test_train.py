@@ -4,6 +4,8 @@ Hydra makes or not, sweeps; marked slow)."""
 
 import json
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,20 +302,39 @@ CLI_MISTAKES = [  # (overrides, the sentence): one per kind of mistake
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
-@pytest.mark.parametrize("overrides, sentence", CLI_MISTAKES, ids=[o[0] for o, _ in CLI_MISTAKES])
-def test_a_mistake_exits_2_with_one_sentence_and_no_run_dir(overrides, sentence, sweep, tmp_path):
+def mistake_command_line(overrides: list[str], sweep: bool, tmp_path: Path) -> list[str]:
     if sweep:  # the mistake in the second job of a two-job sweep
-        args = ["-m", "trainer.seed=1,2", *overrides, f"hydra.sweep.dir={tmp_path / 'run'}"]
-    else:
-        args = [*overrides, f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run_train(*args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {sentence}"]
+        return ["-m", "trainer.seed=1,2", *overrides, f"hydra.sweep.dir={tmp_path / 'run'}"]
+    return [*overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+
+
+def assert_refused_with(exit_code: int, stderr: str, sentence: str, tmp_path: Path) -> None:
+    assert exit_code == 2, stderr
+    assert stderr.strip().splitlines() == [f"error: {sentence}"]
     assert (
         not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
     )
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+@pytest.mark.parametrize("overrides, sentence", CLI_MISTAKES, ids=[o[0] for o, _ in CLI_MISTAKES])
+def test_a_mistake_exits_2_with_one_sentence_and_no_run_dir(overrides, sentence, sweep, tmp_path, monkeypatch, capsys):
+    """train.py's own command-line path (its __main__ block), run in this process: a mistake is found
+    before Hydra starts, so no interpreter of its own is needed to see the exit code and the dirs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *mistake_command_line(overrides, sweep, tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    assert_refused_with(exited.value.code, capsys.readouterr().err, sentence, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_mistake_on_the_command_line_exits_2_with_one_sentence_and_no_run_dir(sweep, tmp_path):
+    """The same through `python train.py` (one kind of mistake: the path is the same for every kind)."""
+    overrides, sentence = CLI_MISTAKES[0]
+    result = run_train(*mistake_command_line(overrides, sweep, tmp_path), cwd=tmp_path)
+    assert_refused_with(result.returncode, result.stderr, sentence, tmp_path)
 
 
 @pytest.mark.slow
