@@ -148,8 +148,8 @@ class Muon(torch.optim.Optimizer):
             dtype = getattr(torch, resolve_ns_dtype(group["ns_dtype"], params, group["ns_steps"]))
             gemm_dtype = dtype
             if dtype == torch.bfloat16:
-                matmul = resolve_ns_bf16_matmul(group["ns_bf16_matmul"], params, group["ns_steps"])
-                gemm_dtype = torch.float32 if matmul == "emulated" else dtype
+                bf16_matmul = resolve_ns_bf16_matmul(group["ns_bf16_matmul"], params, group["ns_steps"])
+                gemm_dtype = torch.float32 if bf16_matmul == "emulated" else dtype
             for members in stacks(params).values():
                 # Wide orientation for all, so tall matrices stack with their transposed-shape peers.
                 stacked = torch.stack([updates[i] if is_wide(params[i]) else updates[i].mT for i in members])

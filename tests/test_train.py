@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
+from core_bundle import LABELS, write_bundle
 from omegaconf import OmegaConf
 from runs import REPO, assemble_run, read_metrics, run_train, train
 from wandb_records import offline_run
 
-from core_bundle import LABELS, write_bundle
-
 from nanochat.assemble import check_jobs
 from nanochat.checkpoint import complete_checkpoints, load_checkpoint
 from nanochat.core_eval import EvalBundle, evaluate_core
-from nanochat.finished import load_finished
 from nanochat.errors import UserError
+from nanochat.finished import load_finished
 from nanochat.resume import HISTORY
 
 LOGGED_EVERY_STEP = [
