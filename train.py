@@ -27,14 +27,8 @@ from nanochat.config import (
     sweep_group,
     task_overrides,
 )
-from nanochat.distributed import RankFailed, init_from_env, is_main, lost_peer, rank, shutdown, world_size
+from nanochat.distributed import RankFailed, init_from_env, is_main, lost_peer, report, shutdown, world_size
 from nanochat.errors import UserError
-
-
-def report(message: str) -> None:
-    """One line on stderr; under torchrun it names the rank."""
-    where = f"[rank {rank()}] " if world_size() > 1 else ""
-    print(f"error: {where}{message}", file=sys.stderr)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

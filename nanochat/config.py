@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from nanochat.distributed import broadcast_object, is_main
+from nanochat.distributed import broadcast_object, is_main, report
 from nanochat.errors import InvalidArgument, UserError
 from nanochat.schema import renamed, suggest
 from nanochat.tracking import run_name
@@ -185,7 +185,9 @@ def run_tool(name: str, main: Callable[[str, dict], None], argv: list[str] | Non
     """`python -m nanochat.<name> <run dir or checkpoint> [key=value ...]`: main(location, settings)
     with conf/tools/<name>.yaml under the overrides, in train.py's override grammar (an unknown key
     names the closest ones), resolved to plain containers. A UserError becomes one line on stderr
-    and exit code 2; -h / --help prints the keys with their defaults."""
+    and exit code 2 (under torchrun said by rank 0 alone: a setting's mistake is every rank's, and a
+    failure of one rank reaches rank 0 through distributed.together); -h / --help prints the keys
+    with their defaults."""
     argv = sys.argv[1:] if argv is None else argv
     config_file = CONF_DIR / "tools" / f"{name}.yaml"
     usage = f"usage: python -m nanochat.{name} <run dir or checkpoint> [key=value ...]"
@@ -199,7 +201,8 @@ def run_tool(name: str, main: Callable[[str, dict], None], argv: list[str] | Non
             _check_single_value(override)
         main(argv[0], resolved(compose_cli(argv[1:], config_name=f"tools/{name}")))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main():
+            report(str(error))
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush cannot fail again

@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,12 @@ def launch_command() -> list[str]:
     if nodes == 1:
         return ["torchrun", "--standalone", f"--nproc_per_node={per_node}"]
     return ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--rdzv_endpoint=<host:port>"]
+
+
+def report(message: str) -> None:
+    """An error as one line on stderr; under torchrun it names the rank."""
+    where = f"[rank {rank()}] " if world_size() > 1 else ""
+    print(f"error: {where}{message}", file=sys.stderr)
 
 
 class RankFailed(UserError):

@@ -3,6 +3,7 @@
     python -m nanochat.evaluate outputs/my_run                                   # bpb, full CORE, samples
     python -m nanochat.evaluate outputs/my_run core.tasks=[hellaswag,arc_easy] core.max_per_task=500
     python -m nanochat.evaluate outputs/my_run data=fineweb_edu bpb.tokens=10485760 core.enabled=false
+    torchrun --standalone --nproc_per_node=8 -m nanochat.evaluate outputs/my_run   # the same, on 8 GPUs
 
 The keys and their defaults are in conf/tools/evaluate.yaml, overridden as in train.py; the model
 and tokenizer come from the newest complete checkpoint at the path (nanochat.finished).
@@ -19,11 +20,16 @@ and tokenizer come from the newest complete checkpoint at the path (nanochat.fin
   its tasks and caps); the result is a table on stdout and a JSON file, <checkpoint>/evaluation.json
   by default, written to a temporary file and renamed into place, so a failed or interrupted
   evaluation leaves no file and an earlier one as it was.
+- Under torchrun every rank loads the model and scores every world_size-th validation row and CORE
+  example (rank 0 prepares the corpus and fetches the bundle first, the others then find them
+  ready); the sums are reduced over ranks, so the figures are one process's, up to the float
+  rounding of a different batching of the rows. Rank 0 samples, prints and writes the JSON file.
 """
 
 import datetime
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +42,7 @@ from nanochat.config import build, run_tool
 from nanochat.core_eval import evaluate_core, fetch_bundle, longest_prompt, task_examples
 from nanochat.data.loader import ValidationRows
 from nanochat.device import check_available, resolve_device, resolve_dtype
+from nanochat.distributed import init_from_env, is_main, main_first, rank, report, shutdown, world_size
 from nanochat.errors import InvalidArgument, UserError, show
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.finished import Finished, load_finished
@@ -197,12 +204,12 @@ def plan(location: str, config: dict) -> tuple[Plan, BpbSettings, CoreSettings, 
 def evaluate(location: str, config: dict) -> dict:
     """Runs the evaluation conf/tools/evaluate.yaml's keys (config, resolved) describe on the
     checkpoint at location; returns what it writes to the JSON file, after writing it."""
-    p, bpb, core, samples = plan(location, config)
+    p, bpb, core, samples = main_first("preparing the evaluation", lambda: plan(location, config))
     model, tokenizer = p.finished.model, p.finished.tokenizer
     metrics: dict[str, float] = {}
     details: dict = {}
     if p.rows is not None:
-        batches = p.rows.batches(0, 1, bpb.batch_size)
+        batches = p.rows.batches(rank(), world_size(), bpb.batch_size)
         metrics["val/bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), p.device, p.dtype)
         details["bpb"] = {
             "tokens": len(p.rows) * model.sequence_len,
@@ -233,7 +240,7 @@ def evaluate(location: str, config: dict) -> dict:
             "max_len": max_len,
         }
     completions = []
-    if p.prompts:
+    if p.prompts and is_main():
         completions = sample_completions(
             model,
             tokenizer,
@@ -251,21 +258,24 @@ def evaluate(location: str, config: dict) -> dict:
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(p.device),
         "dtype": str(p.dtype).removeprefix("torch."),
+        "ranks": world_size(),
         "metrics": metrics,
         **details,
         "samples": [{"prompt": prompt, "completion": completion} for prompt, completion in completions],
         "settings": config,
     }
-    _write_json(p.out, result)
-    print(table(result))
-    print(f"written to {p.out}")
+    if is_main():
+        _write_json(p.out, result)
+        print(table(result))
+        print(f"written to {p.out}")
     return result
 
 
 def table(result: dict) -> str:
     """The console report: one row per metric, then the samples."""
     metrics = result["metrics"]
-    lines = [f"{result['checkpoint']} (step {result['step']}, {result['device']}, {result['dtype']})"]
+    ranks = f", {result['ranks']} ranks" if result["ranks"] > 1 else ""
+    lines = [f"{result['checkpoint']} (step {result['step']}, {result['device']}, {result['dtype']}{ranks})"]
     rows = []
     if "val/bpb" in metrics:
         bpb = result["bpb"]
@@ -304,4 +314,14 @@ def main(location: str, config: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_tool("evaluate", main)
+    try:
+        init_from_env()  # no-op in a single process
+    except UserError as error:
+        report(str(error))
+        sys.exit(2)
+    try:
+        run_tool("evaluate", main)
+    except SystemExit as exit_request:  # a mistake: every rank exits 2
+        shutdown(finished=exit_request.code in (0, None))
+        raise
+    shutdown(finished=True)

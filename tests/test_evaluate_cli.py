@@ -242,3 +242,48 @@ def test_the_module_runs_from_the_command_line_and_exits_2_on_a_mistake(run_dir,
     refused = subprocess.run([*command, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and refused.stderr.startswith(f"error: {tmp_path} holds no complete checkpoint")
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow  # starts torchrun and python -m nanochat.evaluate
+def test_two_ranks_under_torchrun_report_what_one_process_reports(run_dir, bundle_root, tmp_path):
+    assert SUBPROCESSES_ALLOWED["now"]
+    settings = [
+        "bpb.tokens=1024",
+        "bpb.batch_size=3",  # 16 rows: one process batches 6 times, each rank 3 times (8 rows, the last padded)
+        f"core.bundle={bundle_root}",
+        "core.max_per_task=10",
+        "samples.prompts=[ROMEO.]",
+        "samples.tokens=6",
+        "device=cpu",
+    ]
+    single, ranks = tmp_path / "one.json", tmp_path / "two.json"
+    module = ["-m", "nanochat.evaluate", str(run_dir)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def launch(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    done = launch(sys.executable, *module, *settings, f"out={single}")
+    assert done.returncode == 0, done.stderr
+    done = launch(*torchrun, *module, *settings, f"out={ranks}")
+    assert done.returncode == 0, done.stderr
+    one, two = (json.loads(path.read_text(encoding="utf-8")) for path in (single, ranks))
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    # Each CORE example is scored alone, with the same shapes on either side: the same accuracies.
+    core = {key: value for key, value in one["metrics"].items() if key.startswith("core")}
+    assert len(core) == 1 + 2 * len(LABELS) and {key: two["metrics"][key] for key in core} == core
+    # bpb sums the same per-token losses in float64; only which rows share a forward pass differs,
+    # which changes a matmul's blocking, not its operands: each fp32 loss moves by a few roundings
+    # (fp32 epsilon 1.2e-7, grown through two layers), far below 1e-5 of the total.
+    assert two["metrics"]["val/bpb"] == pytest.approx(one["metrics"]["val/bpb"], rel=1e-5)
+    assert two["samples"] == one["samples"] and two["bpb"] == one["bpb"]
+    # rank 0 alone prints the table
+    assert done.stdout.count("core/metric") == 1 and done.stdout.count(f"written to {ranks}") == 1
+    # a mistake under torchrun: one sentence, from rank 0, and nothing written
+    done = launch(*torchrun, *module, "core.max_per_task=0", f"out={tmp_path / 'refused.json'}")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: [rank 0] core.max_per_task=0 must be a positive number of examples, or null for all of them."
+    ], done.stderr
+    assert not (tmp_path / "refused.json").exists()
