@@ -1,8 +1,10 @@
 """Device and precision: which device to train on, the autocast context, the peak FLOP/s that MFU
 is measured against, how the host allocator keeps memory, and torch.compile with an eager fallback.
 
-Speed decisions that depend on the machine are measured here at start-up, never assumed: CPUs of
-one kind differ (with and without native bf16 matmul instructions, e.g. AVX-512 BF16 / AMX).
+Speed decisions that depend on the machine are measured here at start-up: CPUs of one kind differ
+(with and without native bf16 matmul instructions, e.g. AVX-512 BF16 / AMX). One thing is known
+without measuring: an x86 CPU with neither runs bf16 matmuls in software, far slower than fp32, so
+there bf16 is never chosen (a measurement on a busy machine once chose it, see choose_precision).
 """
 
 import contextlib
@@ -124,14 +126,32 @@ def time_task(task: Callable[[torch.dtype], object], dtype: torch.dtype, device:
     return best_time(lambda: task(dtype), device)
 
 
+NO_BF16_MATMULS = "this CPU has no bf16 matmul instructions (AVX-512 BF16 or AMX)"
+
+
+def cpu_has_bf16_matmuls() -> bool:
+    """False on an x86 CPU with neither AVX-512 BF16 nor AMX: torch's bf16 GEMM converts its operands
+    in software there (20x to 200x slower than fp32 on the AVX2 EPYC this was measured on). True
+    elsewhere (ARM's bf16 extensions are not reported by torch), where the measurement decides."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 @dataclass
 class PrecisionChoice:
     dtype: torch.dtype
-    float32_s: float  # seconds for the whole measured work in fp32
-    bfloat16_s: float  # in bf16; a lower bound when `complete` is false
+    float32_s: float | None  # seconds for the whole measured work in fp32; None: nothing measured
+    bfloat16_s: float | None  # in bf16; a lower bound when `complete` is false
     complete: bool  # false: bf16 was stopped once it had already taken longer than all of fp32
 
+    @property
+    def measured(self) -> bool:
+        return self.float32_s is not None
+
     def describe(self, what: str) -> str:
+        if not self.measured:
+            return f"{what}: {NO_BF16_MATMULS}, so float32 without measuring"
         if self.dtype == torch.bfloat16:
             speed = f"{self.float32_s / self.bfloat16_s:.2f}x as fast as fp32"
         else:
@@ -150,13 +170,29 @@ def choose_precision(
     """bf16 or fp32, whichever runs `tasks` faster here. tasks: (task, count) pairs; task(dtype)
     does one piece of the real work in that dtype and counts `count` times in the total. bf16 is
     timed after fp32 and stopped as soon as it has taken longer than fp32's whole total, so a CPU
-    without native bf16 (where it can be 50x slower) costs a fraction of a second to rule it out."""
-    float32_s = sum(count * time_task(task, torch.float32, device) for task, count in tasks)
+    where it is slow costs a fraction of a second to rule it out; a CPU known to lack bf16
+    instructions (cpu_has_bf16_matmuls) is not measured at all.
+
+    Where bf16 comes out ahead, fp32 is timed once more and each task keeps its better time before
+    the totals are compared: on a busy machine the short fp32 timings are the ones that other
+    processes stretch most, and a suite run beside two busy loops once measured software bf16
+    "1.47x as fast" after one such fp32 pass."""
+    if device.type == "cpu" and not cpu_has_bf16_matmuls():
+        return PrecisionChoice(torch.float32, None, None, complete=False)
+
+    def total(times: list[float]) -> float:
+        return sum(count * seconds for (_, count), seconds in zip(tasks, times, strict=True))
+
+    float32_times = [time_task(task, torch.float32, device) for task, _ in tasks]
+    float32_s = total(float32_times)
     bfloat16_s = 0.0
     for task, count in tasks:
         bfloat16_s += count * time_task(task, torch.bfloat16, device)
         if bfloat16_s >= float32_s:
             return PrecisionChoice(torch.float32, float32_s, bfloat16_s, complete=False)
+    float32_s = total([min(t, time_task(task, torch.float32, device)) for (task, _), t in zip(tasks, float32_times)])
+    if bfloat16_s >= float32_s:
+        return PrecisionChoice(torch.float32, float32_s, bfloat16_s, complete=True)
     return PrecisionChoice(torch.bfloat16, float32_s, bfloat16_s, complete=True)
 
 

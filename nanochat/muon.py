@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from nanochat.device import CompiledOrEager, PrecisionChoice, choose_precision
+from nanochat.device import NO_BF16_MATMULS, CompiledOrEager, PrecisionChoice, choose_precision
 from nanochat.logs import log
 
 # Quintic coefficients chosen to maximise the slope at zero, so small singular values grow fast.
@@ -237,6 +237,8 @@ def resolve_ns_bf16_matmul(ns_bf16_matmul: str, params: list[torch.Tensor], ns_s
         return zeropower_via_newtonschulz5(matrix, 1, torch.bfloat16, gemm_dtype)
 
     def describe(choice: PrecisionChoice) -> str:  # choose_precision's float32 is the fp32 GEMM here
+        if not choice.measured:
+            return f"optimizer.ns_bf16_matmul=auto, Muon's bf16 Newton-Schulz: {NO_BF16_MATMULS}, so emulated"
         ratio = f"{choice.bfloat16_s / choice.float32_s:.2f}x{'' if choice.complete else '+'}"
         return (
             f"optimizer.ns_bf16_matmul=auto, Muon's bf16 Newton-Schulz: torch's bf16 GEMM took {ratio} as long "

@@ -20,15 +20,18 @@ CPU = torch.device("cpu")
 D4_SHAPES = [(256, 256)] * 16 + [(1024, 256)] * 4 + [(256, 1024)] * 4 + [(4096, 256)]
 
 
-def simulate(monkeypatch, seconds_by_dtype: dict) -> list:
-    """Replace the timing of one task by fixed seconds per dtype; returns the log of calls."""
+def simulate(monkeypatch, seconds_by_dtype: dict, bf16_instructions: bool = True) -> list:
+    """Replace the timing of one task by seconds per dtype (a number, or a list taken in turn) on a
+    CPU with or without bf16 matmul instructions; returns the log of calls."""
     calls = []
 
     def fake_time_task(task, dtype, device):
         calls.append(dtype)
-        return seconds_by_dtype[dtype]
+        seconds = seconds_by_dtype[dtype]
+        return seconds.pop(0) if isinstance(seconds, list) else seconds
 
     monkeypatch.setattr(device_module, "time_task", fake_time_task)
+    monkeypatch.setattr(device_module, "cpu_has_bf16_matmuls", lambda: bf16_instructions)
     return calls
 
 
@@ -49,6 +52,37 @@ def test_auto_dtype_on_a_cpu_picks_bf16_where_it_measures_faster(monkeypatch):
     assert "1.50x as fast as fp32" in note
 
 
+def test_bf16_must_also_beat_a_second_timing_of_fp32(monkeypatch):
+    # The first fp32 pass stretched threefold by other work: bf16 looks 1.5x as fast until fp32 is
+    # timed again.
+    calls = simulate(monkeypatch, {torch.float32: [3.0] * 4 + [1.0] * 4, torch.bfloat16: 2.0})
+    dtype, note = resolve_dtype("auto", CPU, D4_SHAPES, rows=64)
+    assert dtype == torch.float32 and "2.00x slower than fp32" in note
+    assert calls == [torch.float32] * 4 + [torch.bfloat16] * 4 + [torch.float32] * 4
+
+
+def test_auto_dtype_on_a_cpu_without_bf16_instructions_is_fp32_without_measuring(monkeypatch):
+    calls = simulate(monkeypatch, {torch.float32: 1.0, torch.bfloat16: 0.5}, bf16_instructions=False)
+    dtype, note = resolve_dtype("auto", CPU, D4_SHAPES, rows=64)
+    assert (dtype, calls) == (torch.float32, [])
+    assert note == (
+        "system.dtype=auto, the model's matmuls: this CPU has no bf16 matmul instructions (AVX-512 BF16 or AMX), "
+        "so float32 without measuring"
+    )
+
+
+def test_bf16_instructions_are_read_as_the_kernel_reports_them():
+    """Against /proc/cpuinfo, an independent account of the same CPU flags (x86 Linux only)."""
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("needs an x86-64 Linux /proc/cpuinfo")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert device_module.cpu_has_bf16_matmuls() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def test_auto_dtype_on_cuda_is_bf16_without_measuring(monkeypatch):
     calls = simulate(monkeypatch, {})
     assert resolve_dtype("auto", torch.device("cuda", 0), D4_SHAPES) == (torch.bfloat16, None)
@@ -62,7 +96,8 @@ def test_an_explicit_dtype_is_taken_as_given(monkeypatch):
     assert calls == []
 
 
-def test_precision_measurement_runs_the_real_matmuls_at_the_given_shapes():
+def test_precision_measurement_runs_the_real_matmuls_at_the_given_shapes(monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_bf16_matmuls", lambda: True)  # measured even without them
     tasks = linear_tasks([(48, 32), (48, 32), (16, 48)], rows=8, device=CPU)
     assert [count for _, count in tasks] == [2, 1]  # one task per distinct shape
     for task, _ in tasks:

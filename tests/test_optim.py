@@ -223,6 +223,7 @@ def test_auto_newton_schulz_dtype_is_measured_on_a_cpu_and_bf16_elsewhere(monkey
     monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
     timings = {torch.float32: 1.0, torch.bfloat16: 40.0}
     monkeypatch.setattr(device_module, "time_task", lambda task, dtype, device: timings[dtype])
+    monkeypatch.setattr(device_module, "cpu_has_bf16_matmuls", lambda: True)
     params = mixed_matrices()
     assert resolve_ns_dtype("auto", params, 5) == "float32"
     assert "optimizer.ns_dtype=auto, Muon's Newton-Schulz: bf16 measured over" in capsys.readouterr().out
@@ -271,6 +272,7 @@ def test_auto_bf16_matmul_is_emulated_on_a_cpu_where_it_measures_faster_and_nati
     monkeypatch.setattr(muon_module, "_BF16_MATMUL_CHOICES", {})
     timings = {torch.float32: 1.0, torch.bfloat16: 40.0}  # keyed by the GEMM's dtype: fp32 = emulated
     monkeypatch.setattr(device_module, "time_task", lambda task, dtype, device: timings[dtype])
+    monkeypatch.setattr(device_module, "cpu_has_bf16_matmuls", lambda: True)
     params = mixed_matrices()
     assert resolve_ns_bf16_matmul("auto", params, 5) == "emulated"
     assert "torch's bf16 GEMM took" in capsys.readouterr().out
@@ -281,6 +283,26 @@ def test_auto_bf16_matmul_is_emulated_on_a_cpu_where_it_measures_faster_and_nati
         on_a_gpu_like_device = [torch.nn.Parameter(torch.empty(8, 8))]
     assert resolve_ns_bf16_matmul("auto", on_a_gpu_like_device, 5) == "native"
     assert resolve_ns_bf16_matmul("emulated", on_a_gpu_like_device, 5) == "emulated"
+
+
+def test_auto_newton_schulz_choices_on_a_cpu_without_bf16_instructions_are_fp32_and_emulated_unmeasured(
+    monkeypatch, capsys
+):
+    import nanochat.device as device_module
+    import nanochat.muon as muon_module
+
+    monkeypatch.setattr(muon_module, "_NS_CHOICES", {})
+    monkeypatch.setattr(muon_module, "_BF16_MATMUL_CHOICES", {})
+    measured = []
+    monkeypatch.setattr(device_module, "time_task", lambda task, dtype, device: measured.append(dtype) or 1.0)
+    monkeypatch.setattr(device_module, "cpu_has_bf16_matmuls", lambda: False)
+    params = mixed_matrices()
+    assert resolve_ns_dtype("auto", params, 5) == "float32"
+    assert resolve_ns_bf16_matmul("auto", params, 5) == "emulated"
+    assert measured == []
+    out = capsys.readouterr().out
+    assert "optimizer.ns_dtype=auto, Muon's Newton-Schulz: this CPU has no bf16 matmul instructions" in out
+    assert "optimizer.ns_bf16_matmul=auto, Muon's bf16 Newton-Schulz: this CPU has no bf16 matmul" in out
 
 
 def test_muon_with_emulated_bf16_matmuls_steps_by_the_emulated_newton_schulz_update():
