@@ -42,7 +42,7 @@ from nanochat.config import build, run_tool
 from nanochat.core_eval import evaluate_core, fetch_bundle, longest_prompt, task_examples
 from nanochat.data.loader import ValidationRows
 from nanochat.device import check_available, resolve_device, resolve_dtype
-from nanochat.distributed import init_from_env, is_main, main_first, rank, report, shutdown, world_size
+from nanochat.distributed import init_from_env, is_main, main_first, rank, report, shutdown, together, world_size
 from nanochat.errors import InvalidArgument, UserError, show
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.finished import Finished, load_finished
@@ -264,8 +264,11 @@ def evaluate(location: str, config: dict) -> dict:
         "samples": [{"prompt": prompt, "completion": completion} for prompt, completion in completions],
         "settings": config,
     }
+    # together: a file rank 0 cannot write stops every rank with its sentence, not just rank 0
+    with together("writing the result"):
+        if is_main():
+            _write_json(p.out, result)
     if is_main():
-        _write_json(p.out, result)
         print(table(result))
         print(f"written to {p.out}")
     return result

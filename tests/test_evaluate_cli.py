@@ -287,3 +287,10 @@ def test_two_ranks_under_torchrun_report_what_one_process_reports(run_dir, bundl
         "error: [rank 0] core.max_per_task=0 must be a positive number of examples, or null for all of them."
     ], done.stderr
     assert not (tmp_path / "refused.json").exists()
+    # a file rank 0 cannot write (its parent is a file) stops both ranks with rank 0's sentence,
+    # rather than leaving rank 1 at the closing barrier of a process group rank 0 has left
+    done = launch(*torchrun, *module, *settings, f"out={single / 'inner.json'}")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: [rank 0] cannot write {single / 'inner.json'}: ")
+    assert "Connection closed by peer" not in done.stderr and "DistBackendError" not in done.stderr
