@@ -27,8 +27,7 @@ from nanochat.config import (
     sweep_group,
     task_overrides,
 )
-from nanochat.distributed import RankFailed, init_from_env, is_main, lost_peer, report, shutdown, world_size
-from nanochat.errors import UserError
+from nanochat.distributed import RankFailed, is_main, lost_peer, report, run_as_rank, world_size
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -63,17 +62,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        init_from_env()  # before Hydra, so that every rank can take rank 0's run dir
-        check_jobs(sys.argv[1:], world_size())  # every mistake, for every job, before any run dir exists
-    except UserError as error:
-        if is_main():  # every rank finds the same mistake; one says it
-            report(str(error))
-        shutdown(finished=False)
-        sys.exit(2)
-    try:
-        main()
-    except SystemExit as exit_request:  # also a run stopped by a signal, which exits 0
-        shutdown(finished=exit_request.code in (0, None))
-        raise
-    shutdown(finished=True)
+    # The process group is joined before Hydra, so that every rank can take rank 0's run dir; every
+    # mistake, for every job, is found before any run dir exists.
+    run_as_rank(main, preflight=lambda: check_jobs(sys.argv[1:], world_size()))

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,28 @@ def shutdown(finished: bool) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_as_rank(main: Callable[[], object], preflight: Callable[[], None] = lambda: None) -> None:
+    """A command-line entry point, alone or as one torchrun rank: join the process group, run
+    preflight (checks every rank makes alike, so a UserError there is said once, by rank 0, and
+    exits 2 before any work), run main, and leave the group through shutdown(), with the closing
+    barrier only where main ended normally (a rank that stopped with an error must not wait there
+    for ranks that may never come)."""
+    try:
+        init_from_env()
+        preflight()
+    except UserError as error:
+        if is_main():
+            report(str(error))
+        shutdown(finished=False)
+        sys.exit(2)
+    try:
+        main()
+    except SystemExit as exit_request:  # also a mistake (exit 2) and a run stopped by a signal (exit 0)
+        shutdown(finished=exit_request.code in (0, None))
+        raise
+    shutdown(finished=True)
 
 
 def rank() -> int:

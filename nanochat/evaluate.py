@@ -29,7 +29,6 @@ and tokenizer come from the newest complete checkpoint at the path (nanochat.fin
 import datetime
 import difflib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,7 +41,7 @@ from nanochat.config import build, run_tool
 from nanochat.core_eval import evaluate_core, fetch_bundle, longest_prompt, task_examples
 from nanochat.data.loader import ValidationRows
 from nanochat.device import check_available, resolve_device, resolve_dtype
-from nanochat.distributed import init_from_env, is_main, main_first, rank, report, shutdown, together, world_size
+from nanochat.distributed import is_main, main_first, rank, run_as_rank, together, world_size
 from nanochat.errors import InvalidArgument, UserError, show
 from nanochat.evaluation import evaluate_bpb, sample_completions
 from nanochat.finished import Finished, load_finished
@@ -317,14 +316,4 @@ def main(location: str, config: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        init_from_env()  # no-op in a single process
-    except UserError as error:
-        report(str(error))
-        sys.exit(2)
-    try:
-        run_tool("evaluate", main)
-    except SystemExit as exit_request:  # a mistake: every rank exits 2
-        shutdown(finished=exit_request.code in (0, None))
-        raise
-    shutdown(finished=True)
+    run_as_rank(lambda: run_tool("evaluate", main))
