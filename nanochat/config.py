@@ -133,9 +133,24 @@ def compose_cli(overrides: list[str], config_name: str = PRIMARY_CONFIG, config_
         raise UserError(explain_compose_error(error, overrides, config_name, config_dir)) from None
 
 
+def choices_with_key(group: str, key: str, config_dir: Path | None) -> list[str]:
+    """The choices of config group `group` whose own YAML has `key` at its top level (the project's
+    conf/ and, for a primary config elsewhere, its folder)."""
+    files: dict[str, Path] = {}
+    for folder in (CONF_DIR, config_dir):
+        if group and folder is not None and (folder / group).is_dir():
+            files.update({p.stem: p for p in (folder / group).glob("*.yaml") if not p.stem.startswith("_")})
+    return sorted(name for name, path in files.items() if key in OmegaConf.load(path))
+
+
 def explain_compose_error(error: Exception, overrides: list[str], config_name: str, config_dir: Path | None) -> str:
     """Hydra's multi-line composition errors as one sentence naming the key (or group) and value."""
     message = str(error)
+    existing = re.search(r"Could not append to config\. An item is already at '([^']+)'", message)
+    if existing:  # +key=value for a key the config already has
+        key = existing.group(1)
+        where = key.rpartition(".")[0] or "the config"
+        return f"{key} is already a key of {where}: set it without the leading +, as {key}=<value>."
     unknown = re.search(r"Could not (?:override|delete|append to config)[^']*'([^']+)'", message)
     if unknown:
         key = unknown.group(1).lstrip("+~")
@@ -152,6 +167,11 @@ def explain_compose_error(error: Exception, overrides: list[str], config_name: s
             valid = []
         where = parent or "the config"
         hint = suggest(name, valid, parent) if valid else "check its spelling."
+        other_choices = choices_with_key(parent, name, config_dir)
+        if other_choices:  # e.g. optimizer.lr under adamw_muon: a key of optimizer=adamw
+            having = " and ".join(f"{parent}={choice}" for choice in other_choices)
+            having += " has it" if len(other_choices) == 1 else " have it"
+            return f"{key} is not a key of {where}; {having}{', or ' + hint if hint.startswith('did you') else '.'}"
         return f"{key} is not a key of {where}; {hint}"
     missing_choice = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
     if missing_choice:

@@ -61,7 +61,8 @@ def _chunk(
     (fp32, 0 where ignored) and, given row_weights (each token's upstream gradient), dL/dz in the
     compute dtype."""
     logits = (hidden @ weight.T).float()
-    t = logits.div_(softcap).tanh_()  # in place: the matmul output is not needed again
+    z = logits.div_(softcap)  # in place: the matmul output is not needed again
+    t = tanh_from_exp(z) if torch.compiler.is_compiling() else z.tanh_()
     s = t * softcap
     lse = torch.logsumexp(s, dim=1)
     valid = targets != IGNORE_INDEX
@@ -75,6 +76,15 @@ def _chunk(
     grad.mul_(torch.where(valid, row_weights, 0.0)[:, None])
     grad.mul_(t.square_().neg_().add_(1))  # the softcap's derivative 1 - t^2
     return losses, grad.to(hidden.dtype)
+
+
+def tanh_from_exp(z: torch.Tensor) -> torch.Tensor:
+    """tanh(z) as (1 - e) / (1 + e) with e = exp(-2|z|), signed like z: within 1e-7 of tanh (absolute)
+    and finite for every z, as exp's argument is never positive. Compiled code takes it: Inductor's
+    CPU tanh measured ~3x as slow as this one fused kernel on a chunk's [256, 4096] fp32 logits, and
+    was the largest elementwise kernel of a step; eager torch.tanh_ is the faster of the two."""
+    e = torch.exp(z.abs() * -2)
+    return torch.copysign((1 - e) / (1 + e), z)
 
 
 class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):

@@ -5,6 +5,12 @@ from omegaconf import OmegaConf
 
 from nanochat.config import build, compose_cli, without_hydra
 
+# What every test run pins, whatever the default run chooses: plain AdamW (tests set and compare
+# optimizer.lr; Muon runs ask for optimizer=adamw_muon), fp32 (dtype=auto's measurement of tiny
+# matmuls is noise) and eager (a cold compilation per run would be most of the suite's time;
+# test_compile asks for system.compile=true).
+TEST_RUN_BASICS = ("optimizer=adamw", "system.dtype=float32", "system.compile=false")
+
 
 def compose(*overrides: str):
     """conf/config.yaml with overrides, without Hydra's own node, as train.py's jobs see it."""

@@ -28,7 +28,7 @@ def choices(group: str) -> list[str]:
 def test_default_config_has_the_documented_groups_and_nodes():
     cfg = compose()
     assert cfg.model.n_layer == 4 and cfg.model.n_embd == 256
-    assert cfg.optimizer._target_ == "nanochat.optim.adamw" and cfg.optimizer.lr > 0
+    assert cfg.optimizer._target_ == "nanochat.optim.adamw_muon" and cfg.optimizer.matrix_lr > 0
     assert cfg.schedule._target_ == "nanochat.schedules.Trapezoid"
     assert cfg.data._target_.endswith("ShakespeareCorpus")
     assert cfg.logger.mode == "offline"
@@ -85,11 +85,11 @@ def test_every_sweep_file_composes_and_checks_every_job(sweep, monkeypatch):
 def test_a_misspelt_key_in_a_yaml_file_fails_the_check(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
-    adamw = conf / "optimizer" / "adamw.yaml"
-    adamw.write_text(adamw.read_text().replace("weight_decay:", "weight_decay_rate:"))
+    default_optimizer = conf / "optimizer" / "adamw_muon.yaml"
+    default_optimizer.write_text(default_optimizer.read_text().replace("weight_decay:", "weight_decay_rate:"))
     cfg = without_hydra(compose_cli([], config_dir=conf))
     with pytest.raises(
-        UserError, match=r"optimizer.weight_decay_rate is not a key of optimizer \(nanochat.optim.adamw\); "
+        UserError, match=r"optimizer.weight_decay_rate is not a key of optimizer \(nanochat.optim.adamw_muon\); "
     ):
         check(cfg)
 
@@ -108,17 +108,14 @@ MISTAKES = [
     (["trainer.num_iterations=abc"], "trainer.num_iterations=abc must be an integer."),
     (["eval.every=ten"], "eval.every=ten must be an integer."),
     (["trainer.grad_clip=strong"], "trainer.grad_clip=strong must be a number."),
-    (["optimizer.lr=fast"], "optimizer.lr=fast must be a number."),
+    (["optimizer.matrix_lr=fast"], "optimizer.matrix_lr=fast must be a number."),
     (["system.compile=maybe"], "system.compile=maybe must be true or false."),
     (["sample.prompts=3"], "sample.prompts=3 must be a list of strings."),
-    (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be a list of 2 values (a number, a number)."),
+    (["optimizer.adam_betas=[0.9]"], "optimizer.adam_betas=[0.9] must be a list of 2 values (a number, a number)."),
     (["system.dtype=float16"], "system.dtype=float16 must be one of auto, float32, bfloat16."),
     (["system.device=tpu"], "system.device=tpu must be one of auto, cpu, cuda, mps."),
     (["logger.mode=loud"], "logger.mode=loud must be one of offline, online, disabled."),
-    (
-        ["optimizer=adamw_muon", "optimizer.ns_dtype=fp16"],
-        "optimizer.ns_dtype=fp16 must be one of auto, bfloat16, float32.",
-    ),
+    (["optimizer.ns_dtype=fp16"], "optimizer.ns_dtype=fp16 must be one of auto, bfloat16, float32."),
     (["model=_gpt"], "model=_gpt is not a choice of model; the choices are d12, d16, d20, d26, d32, d4, d6, d8."),
     (
         ["logger=[wandb,tensorbord]"],
@@ -126,12 +123,23 @@ MISTAKES = [
     ),
     (["debug=quick"], "debug=quick is not a choice of debug; the choices are fast, overfit, profile."),
     (["data=local"], "data.path needs a value (it is ??? in the YAML): set data.path=<value>."),
-    (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate is not a key of optimizer; did you mean optimizer.lr?"),
     (
-        ["+optimizer.learning_rate=1e-3"],
+        ["optimizer.matrix_learning_rate=0.01"],
+        "optimizer.matrix_learning_rate is not a key of optimizer; did you mean optimizer.matrix_lr?",
+    ),
+    (
+        ["optimizer=adamw", "+optimizer.learning_rate=1e-3"],
         "optimizer.learning_rate is not a key of optimizer (nanochat.optim.adamw); did you mean optimizer.lr?",
     ),
-    (["optimizer=adamw_muon", "optimizer.matrix_learning_rate=0.01"], "did you mean optimizer.matrix_lr"),
+    (
+        ["optimizer.lr=3e-3"],  # plain AdamW's key, under the default adamw_muon
+        "optimizer.lr is not a key of optimizer; optimizer=adamw has it, or did you mean optimizer.unembedding_lr",
+    ),
+    (
+        ["+optimizer.matrix_lr=0.01"],
+        "optimizer.matrix_lr is already a key of optimizer: set it without the leading +, as "
+        "optimizer.matrix_lr=<value>.",
+    ),
     (["+trainer.lr=0.1"], "trainer.lr is not a key of trainer; its keys are trainer.device_batch_size, "),
     (["model=d5"], "model=d5 is not a choice of model; the choices are d12, d16, d20, d26, d32, d4, d6, d8."),
     (["trainer.eval_every=100"], "trainer.eval_every is now eval.every (the config is split by concern"),
@@ -143,8 +151,8 @@ MISTAKES = [
     (["model.n_embd=250"], "model.n_embd=250 / model.n_head=2 = 125 is odd"),
     (["model.n_layer=0"], "model.n_layer=0 must be a positive integer."),
     (["model.sequence_len=-5"], "model.sequence_len=-5 must be a positive integer."),
-    (["optimizer.lr=0"], "optimizer.lr=0 must be a positive learning rate."),
-    (["optimizer=adamw_muon", "optimizer.matrix_lr=-0.02"], "optimizer.matrix_lr=-0.02 must be a positive"),
+    (["optimizer=adamw", "optimizer.lr=0"], "optimizer.lr=0 must be a positive learning rate."),
+    (["optimizer.matrix_lr=-0.02"], "optimizer.matrix_lr=-0.02 must be a positive"),
     (
         ["schedule.warmup_ratio=0.6", "schedule.warmdown_ratio=0.5"],
         "schedule.warmup_ratio=0.6 + schedule.warmdown_ratio=0.5 exceeds 1",
@@ -197,13 +205,13 @@ def test_a_mistake_is_one_sentence_naming_the_key(overrides, sentence):
 
 SWEEP_MISTAKES = [
     (["-m", "trainer.num_iterations=10,abc"], "trainer.num_iterations=abc must be an integer."),
-    (["-m", "optimizer.lr=1e-3,3e-3", "+optimizer.learning_rate=1"], "did you mean optimizer.lr?"),
+    (["-m", "optimizer=adamw", "optimizer.lr=1e-3,3e-3", "+optimizer.learning_rate=1"], "did you mean optimizer.lr?"),
     (
-        ["-m", "optimizer=adamw,adamw_muon", "+optimizer.matrix_lr=0.01"],
-        "optimizer.matrix_lr is not a key of optimizer (nanochat.optim.adamw)",
+        ["-m", "optimizer=adamw_muon,adamw", "optimizer.matrix_lr=0.01"],
+        "optimizer.matrix_lr is not a key of optimizer; optimizer=adamw_muon has it",
     ),
     (
-        ["-m", "optimizer.lr=1e-3,2e-3", "optimizer.learning_rate=1"],
+        ["-m", "optimizer.matrix_lr=1e-3,2e-3", "optimizer.learning_rate=1"],
         "optimizer.learning_rate is not a key of optimizer",
     ),
     (["-m", "system.dtype=float32,float16"], "system.dtype=float16 must be one of auto, float32, bfloat16."),
@@ -223,8 +231,8 @@ def test_a_mistake_in_any_job_of_a_sweep_is_found_before_the_first_job(argv, sen
 
 
 def test_several_values_without_multirun_is_one_sentence():
-    with pytest.raises(UserError, match=r"optimizer.lr has several values \(0.001, 0.002\): sweeps need -m"):
-        check_jobs(["optimizer.lr=1e-3,2e-3"])
+    with pytest.raises(UserError, match=r"optimizer.matrix_lr has several values \(0.001, 0.002\): sweeps need -m"):
+        check_jobs(["optimizer.matrix_lr=1e-3,2e-3"])
 
 
 def test_world_size_enters_the_batch_arithmetic():

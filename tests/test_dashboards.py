@@ -54,7 +54,7 @@ def test_the_offline_wandb_run_has_the_job_name_the_derived_config_and_the_x_axe
     # two overrides share a leaf: eval.tokens and sample.tokens); paths by their last part.
     assert wandb_run.display_name == (
         f"d4-adamw-data_dir={shakespeare_data_dir.name}-val_bytes=50000-vocab_size={FAKE_VOCAB_SIZE}-n_layer=2-"
-        "dtype=float32-sequence_len=64-device_batch_size=8-total_batch_size=1024-eval.tokens=2048-sample.tokens=8-"
+        "dtype=float32-compile=false-sequence_len=64-device_batch_size=8-total_batch_size=1024-eval.tokens=2048-sample.tokens=8-"
         "peak_flops=1e12-num_iterations=3"
     )
     config = {item.key: json.loads(item.value_json) for item in wandb_run.config.update}
@@ -304,6 +304,7 @@ def test_a_compiled_run_never_reports_more_than_100_percent_mfu(shakespeare_data
     run_dir = tmp_path / "run"
     run = assemble_run(
         *fake_corpus_overrides(shakespeare_data_dir),
+        "optimizer=adamw",
         "system.compile=true",
         "system.dtype=float32",
         "trainer.num_iterations=12",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from configs import TEST_RUN_BASICS
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from pausing import continue_once_pending, launcher_script, pause_env, wait_until, wait_until_paused
 from runs import read_metrics, run_train, train_command
@@ -66,7 +67,7 @@ def tiny_run(data_overrides: list[str], rows: int, *extra: str) -> list[str]:
     return [
         *data_overrides,
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         f"model.sequence_len={SEQUENCE_LEN}",
         f"trainer.device_batch_size={rows}",
         f"trainer.total_batch_size={ROWS * SEQUENCE_LEN}",

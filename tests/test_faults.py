@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from configs import TEST_RUN_BASICS
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from runs import assemble_run, read_metrics, run_train
 
@@ -23,7 +24,7 @@ def tiny(data_dir, *extra: str) -> list[str]:
         f"data.val_bytes={FAKE_VAL_BYTES}",
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         "model.sequence_len=64",
         "trainer.device_batch_size=4",
         "trainer.num_iterations=6",

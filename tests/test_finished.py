@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from configs import TEST_RUN_BASICS
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from runs import assemble_run
 
@@ -20,7 +21,7 @@ def finished_run(shakespeare_data_dir, tmp_path_factory):
         f"data.val_bytes={FAKE_VAL_BYTES}",
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         "model.sequence_len=64",
         "model.n_kv_head=1",
         "trainer.device_batch_size=4",

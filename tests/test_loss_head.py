@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from test_model import random_model, random_tokens
 
+import nanochat.loss_head as loss_head_module
 import nanochat.model as model_module
 from nanochat.evaluation import evaluate_bpb
-from nanochat.loss_head import softcapped_cross_entropy
+from nanochat.loss_head import softcapped_cross_entropy, tanh_from_exp
 from nanochat.model import GPTConfig
 
 # vocab 67 and 2 x 11 = 22 tokens: neither is a multiple of the 8-token chunks, so the last chunk
@@ -51,6 +52,43 @@ def test_chunked_head_equals_the_head_in_one_piece(reduction):
     for ours, reference in zip(chunked_grads, plain_grads, strict=True):
         assert relative_error(ours, reference) < 1e-5
     assert torch.all(chunked_grads[0][[0, 5, 21]] == 0)  # ignored tokens get no gradient
+
+
+def test_tanh_from_exp_is_tanh_to_float_rounding_and_finite_everywhere():
+    z = torch.cat([torch.linspace(-200, 200, 40_001), torch.logspace(-30, 1, 500), -torch.logspace(-30, 1, 500)])
+    z = torch.cat([z, torch.tensor([0.0, -0.0, 3e38, -3e38])])
+    reference = torch.tanh(z.double())
+    ours = tanh_from_exp(z)
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    assert (ours.double() - reference).abs().max().item() <= 1.2e-7  # about one ulp of 1.0
+    assert torch.equal(torch.signbit(ours), torch.signbit(z))
+
+
+@pytest.mark.slow
+def test_compiled_chunked_head_equals_the_head_in_one_piece(monkeypatch):
+    """Compiled code takes tanh_from_exp in place of torch.tanh (see loss_head.py); the loss and both
+    gradients must still be the plain head's."""
+    traced = []
+
+    def recorded_tanh_from_exp(z):
+        traced.append(z.shape)  # runs while Dynamo traces, not in the compiled code
+        return tanh_from_exp(z)
+
+    monkeypatch.setattr(loss_head_module, "tanh_from_exp", recorded_tanh_from_exp)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(22, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(67, 32, generator=generator, requires_grad=True)
+    targets = targets_with_ignored(22, 67, seed=3)
+    compiled = torch.compile(lambda h, w, t: softcapped_cross_entropy(h, w, t, 15.0, "mean", CHUNK_TOKENS))
+    results = []
+    for loss_fn in (lambda *a: plain_loss(*a, "mean"), compiled):
+        loss = loss_fn(hidden, weight, targets)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    (plain, *plain_grads), (ours, *our_grads) = results
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=0)
+    for mine, reference in zip(our_grads, plain_grads, strict=True):
+        assert relative_error(mine, reference) < 1e-5
+    assert traced  # the compiled branch was the one taken
 
 
 def test_chunked_head_under_bf16_autocast_agrees_to_bf16_rounding():

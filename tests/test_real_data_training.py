@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from configs import TEST_RUN_BASICS
 from conftest import fake_editions
 from runs import read_metrics, run_train
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 # A 2-layer model for 60 steps with evaluations at 0, 30 and 60: seconds on a CPU.
 TINY_RUN = [
-    "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64", "system.dtype=float32",
+    "tokenizer.vocab_size=512", "model.n_layer=2", "model.sequence_len=64", *TEST_RUN_BASICS,
     "trainer.device_batch_size=8", "trainer.total_batch_size=512", "trainer.num_iterations=60",
     "eval.every=30", "eval.tokens=2048", "sample.tokens=8", "logger=none",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from configs import TEST_RUN_BASICS
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from pausing import FSYNCS_BEFORE_RENAME, FSYNCS_PER_SAVE, continue_once_pending, launcher, pause_env, wait_until_paused
 from runs import read_metrics, run_train, start_train
@@ -49,7 +50,7 @@ def tiny_run(*extra: str) -> list[str]:
     return [
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         "model.sequence_len=64",
         "trainer.device_batch_size=4",
         "trainer.total_batch_size=512",  # two micro-steps per update

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from configs import compose
+from configs import TEST_RUN_BASICS, compose
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from omegaconf import OmegaConf
 from runs import REPO, read_metrics, run_train
@@ -37,7 +37,7 @@ def tiny_run_overrides(data_dir: Path) -> list[str]:
         f"data.val_bytes={FAKE_VAL_BYTES}",
         f"tokenizer.vocab_size={FAKE_VOCAB_SIZE}",
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         "model.sequence_len=64",
         "trainer.device_batch_size=8",
         "trainer.total_batch_size=1024",

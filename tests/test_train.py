@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from configs import TEST_RUN_BASICS
 from conftest import FAKE_VAL_BYTES, FAKE_VOCAB_SIZE
 from core_bundle import LABELS, write_bundle
 from omegaconf import OmegaConf
@@ -49,7 +50,7 @@ def tiny_run_overrides(data_dir: Path, *extra: str) -> list[str]:
     return [
         *fake_corpus_overrides(data_dir),
         "model.n_layer=2",
-        "system.dtype=float32",  # not auto: its measurement of tiny matmuls is noise
+        *TEST_RUN_BASICS,
         "model.sequence_len=64",
         "trainer.device_batch_size=8",
         "trainer.total_batch_size=1024",  # two micro-steps: grad accumulation is exercised
@@ -284,15 +285,19 @@ def test_continuing_with_a_longer_run_goes_on_exactly_as_an_uninterrupted_one(sh
 
 CLI_MISTAKES = [  # (overrides, the sentence): one per kind of mistake
     (["trainer.num_iterations=abc"], "trainer.num_iterations=abc must be an integer."),
-    (["optimizer.lr=fast"], "optimizer.lr=fast must be a number."),
+    (["optimizer.matrix_lr=fast"], "optimizer.matrix_lr=fast must be a number."),
     (["system.compile=maybe"], "system.compile=maybe must be true or false."),
     (["sample.prompts=3"], "sample.prompts=3 must be a list of strings."),
     (["system.dtype=float16"], "system.dtype=float16 must be one of auto, float32, bfloat16."),
     (["data=local"], "data.path needs a value (it is ??? in the YAML): set data.path=<value>."),
-    (["optimizer.learning_rate=1e-3"], "optimizer.learning_rate is not a key of optimizer; did you mean optimizer.lr?"),
     (
-        ["+optimizer.learning_rate=1e-3"],
-        "optimizer.learning_rate is not a key of optimizer (nanochat.optim.adamw); did you mean optimizer.lr?",
+        ["optimizer.matrix_learning_rate=0.01"],
+        "optimizer.matrix_learning_rate is not a key of optimizer; did you mean optimizer.matrix_lr?",
+    ),
+    (
+        ["+optimizer.matrix_learning_rate=0.01"],
+        "optimizer.matrix_learning_rate is not a key of optimizer (nanochat.optim.adamw_muon); "
+        "did you mean optimizer.matrix_lr?",
     ),
     (
         ["trainer.total_batch_size=1000"],
